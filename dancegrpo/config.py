@@ -1,0 +1,494 @@
+"""Typed, validated configuration: YAML recipes loaded into nested dataclasses.
+
+Everything is checked on load, before any work starts. All problems found are reported
+together in one `ConfigError`, each naming the dotted field path (``grpo.tau``), the bad
+value and what is allowed.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import functools
+import math
+import os
+import re
+import types
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+__all__ = [
+    "ConfigError", "RunConfig", "ModelConfig", "SamplerConfig", "DataConfig", "RewardConfig",
+    "GRPOConfig", "TrainerConfig", "Config", "from_dict", "load_config", "config_to_dict",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration was refused; `problems` lists every problem found."""
+
+    def __init__(self, problems: Sequence[str], header: str = "invalid configuration"):
+        self.problems = list(problems)
+        if len(self.problems) == 1:
+            message = f"{header}: {self.problems[0]}"
+        else:
+            lines = "\n".join(f"  - {p}" for p in self.problems)
+            message = f"{header} ({len(self.problems)} problems):\n{lines}"
+        super().__init__(message)
+
+
+# ---------------------------------------------------------------------------------------
+# Validation helpers: each returns a problem (relative to its dataclass) or None.
+
+def _rule(name: str, value: Any, ok: bool, allowed: str) -> str | None:
+    return None if ok else f"{name} = {value!r} is out of range: must be {allowed}"
+
+
+def _one_of(name: str, value: Any, choices: Sequence[str]) -> str | None:
+    ok = value in choices
+    return None if ok else f"{name} = {value!r} is not allowed: must be one of {', '.join(choices)}"
+
+
+def _problems(*found: str | None) -> list[str]:
+    return [p for p in found if p]
+
+
+# ---------------------------------------------------------------------------------------
+# Schema
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    device: str = "cpu"              # "cpu", "cuda", or "cuda:N"
+    autocast_dtype: str = "none"     # none | bf16 | fp16
+    num_threads: int | None = None   # torch intra-op threads; None keeps torch's default
+
+    def validate(self) -> list[str]:
+        device_ok = re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None
+        return _problems(
+            _rule("device", self.device, device_ok, "'cpu', 'cuda' or 'cuda:N' (N a GPU index)"),
+            _one_of("autocast_dtype", self.autocast_dtype, ("none", "bf16", "fp16")),
+            _rule("num_threads", self.num_threads,
+                  self.num_threads is None or self.num_threads >= 1, ">= 1 (or null)"),
+        )
+
+
+@dataclass
+class ModelConfig:
+    name: str = "toy_flux"           # model adapter name, resolved later by the model registry
+    path: str = ""                   # checkpoint directory; "" = the adapter's embedded default
+    options: dict[str, Any] = field(default_factory=dict)  # adapter-specific, passed through
+
+    def validate(self) -> list[str]:
+        return _problems(_rule("name", self.name, bool(self.name.strip()), "a non-empty adapter name"))
+
+
+@dataclass
+class SamplerConfig:
+    num_steps: int = 16
+    eta: float = 0.3                 # SDE noise level
+    shift: float = 3.0               # timestep shift of the flow schedule
+    sde_form: str = "dancegrpo"      # dancegrpo | flow_grpo
+    guidance_scale: float = 3.5      # embedded guidance (FLUX) or CFG scale (SD)
+    eval_num_steps: int | None = None  # ODE steps for evaluation; None = num_steps
+
+    def validate(self) -> list[str]:
+        return _problems(
+            _rule("num_steps", self.num_steps, self.num_steps >= 1, ">= 1"),
+            _rule("eta", self.eta, self.eta >= 0, ">= 0"),
+            _rule("shift", self.shift, self.shift > 0, "> 0"),
+            _one_of("sde_form", self.sde_form, ("dancegrpo", "flow_grpo")),
+            _rule("guidance_scale", self.guidance_scale, self.guidance_scale >= 0, ">= 0"),
+            _rule("eval_num_steps", self.eval_num_steps,
+                  self.eval_num_steps is None or self.eval_num_steps >= 1, ">= 1 (or null)"),
+        )
+
+
+@dataclass
+class DataConfig:
+    train_prompts: str = ""          # prompt file (one a line) or builtin like "toy:train"; required
+    eval_prompts: str = ""           # same; "" disables held-out evaluation
+    eval_num_prompts: int | None = None  # None = all eval prompts
+
+    def validate(self) -> list[str]:
+        return _problems(
+            _rule("train_prompts", self.train_prompts, bool(self.train_prompts.strip()),
+                  "a prompt file path or a builtin name like 'toy:train' (it is required)"),
+            _rule("eval_num_prompts", self.eval_num_prompts,
+                  self.eval_num_prompts is None or self.eval_num_prompts >= 1, ">= 1 (or null)"),
+        )
+
+
+@dataclass
+class RewardConfig:
+    name: str                        # registry name or "package.module:callable"
+    weight: float = 1.0
+    threshold: float | None = None   # if set: binary reward, 1 above threshold else 0
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def validate(self) -> list[str]:
+        name = self.name if isinstance(self.name, str) else ""  # None when it failed to load
+        module, colon, attr = name.strip().partition(":")
+        name_ok = bool(module) and (not colon or bool(attr))
+        return _problems(
+            _rule("name", self.name, name_ok,
+                  "a reward registry name or 'package.module:callable' (both sides non-empty)"),
+            _rule("weight", self.weight, self.weight != 0, "non-zero (drop the reward instead)"),
+        )
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 12             # samples per prompt; advantages are relative within a group
+    prompts_per_iteration: int = 32
+    tau: float = 0.6                 # fraction of denoising steps trained on
+    clip_range: float = 1e-4         # PPO ratio clip
+    adv_clip_max: float = 5.0
+    best_of_n_keep: int | None = None  # train on top-k and bottom-k per group; None = all
+    kl_coef: float = 0.0
+    shared_group_noise: bool = True  # all samples of a group start from the same noise
+    logprob_reduce: str = "mean"     # mean | sum
+
+    def validate(self) -> list[str]:
+        k = self.best_of_n_keep
+        return _problems(
+            _rule("group_size", self.group_size, self.group_size >= 2,
+                  ">= 2 (a group of 1 has no relative advantage: its sample is only compared "
+                  "with itself)"),
+            _rule("prompts_per_iteration", self.prompts_per_iteration,
+                  self.prompts_per_iteration >= 1, ">= 1"),
+            _rule("tau", self.tau, 0 < self.tau <= 1, "in (0, 1]"),
+            _rule("clip_range", self.clip_range, self.clip_range > 0, "> 0"),
+            _rule("adv_clip_max", self.adv_clip_max, self.adv_clip_max > 0, "> 0"),
+            _rule("best_of_n_keep", k, k is None or k >= 1, ">= 1 (or null to keep all)"),
+            _rule("kl_coef", self.kl_coef, self.kl_coef >= 0, ">= 0"),
+            _one_of("logprob_reduce", self.logprob_reduce, ("mean", "sum")),
+        )
+
+
+@dataclass
+class TrainerConfig:
+    iterations: int = 100
+    lr: float = 1e-5
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    adam_eps: float = 1e-8
+    grad_clip: float | None = 1.0    # max grad norm; None disables clipping
+    lr_schedule: str = "constant"    # constant | linear | cosine
+    warmup_iterations: int = 0
+    updates_per_iteration: int = 4   # optimizer steps per iteration; (sample, step) pairs split evenly
+    micro_batch_size: int = 4        # samples per forward/backward in training
+    ema_decay: float | None = None   # None disables the EMA of weights
+    checkpoint_every: int = 10
+    keep_last: int = 2               # checkpoints kept on disk
+    eval_every: int = 0              # 0 = only before and after training
+    log_every: int = 1
+
+    def validate(self) -> list[str]:
+        betas_ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)
+        return _problems(
+            _rule("iterations", self.iterations, self.iterations >= 1, ">= 1"),
+            _rule("lr", self.lr, self.lr > 0, "> 0"),
+            _rule("weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+            _rule("betas", self.betas, betas_ok, "two values, each in [0, 1)"),
+            _rule("adam_eps", self.adam_eps, self.adam_eps > 0, "> 0"),
+            _rule("grad_clip", self.grad_clip,
+                  self.grad_clip is None or self.grad_clip > 0, "> 0 (or null to disable)"),
+            _one_of("lr_schedule", self.lr_schedule, ("constant", "linear", "cosine")),
+            _rule("warmup_iterations", self.warmup_iterations, self.warmup_iterations >= 0, ">= 0"),
+            _rule("updates_per_iteration", self.updates_per_iteration,
+                  self.updates_per_iteration >= 1, ">= 1"),
+            _rule("micro_batch_size", self.micro_batch_size, self.micro_batch_size >= 1, ">= 1"),
+            _rule("ema_decay", self.ema_decay,
+                  self.ema_decay is None or 0 < self.ema_decay < 1, "in (0, 1) (or null to disable)"),
+            _rule("checkpoint_every", self.checkpoint_every, self.checkpoint_every >= 1, ">= 1"),
+            _rule("keep_last", self.keep_last, self.keep_last >= 1, ">= 1"),
+            _rule("eval_every", self.eval_every, self.eval_every >= 0, ">= 0 (0 = before and after training only)"),
+            _rule("log_every", self.log_every, self.log_every >= 1, ">= 1"),
+        )
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rewards: list[RewardConfig] = field(default_factory=list)  # names become metric names
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self) -> list[str]:
+        """Cross-section checks (each section validates itself)."""
+        problems = []
+        if not self.rewards:
+            problems.append("rewards = [] is empty: must list at least one reward, "
+                            "e.g. rewards: [{name: <reward name>}]")
+        first_index: dict[str, int] = {}
+        for i, reward in enumerate(self.rewards):
+            if not isinstance(reward.name, str):  # failed to load; already reported
+                continue
+            if reward.name in first_index:
+                problems.append(f"rewards.{i}.name = {reward.name!r} duplicates "
+                                f"rewards.{first_index[reward.name]}.name: reward names must be "
+                                "unique because they become metric names")
+            first_index.setdefault(reward.name, i)
+        k, n = self.grpo.best_of_n_keep, self.grpo.group_size
+        if k is not None and 2 * k > n:
+            problems.append(f"grpo.best_of_n_keep = {k} is out of range: must satisfy "
+                            f"2 * best_of_n_keep <= grpo.group_size = {n} (top-k and bottom-k "
+                            "are kept per group)")
+        return problems
+
+
+# ---------------------------------------------------------------------------------------
+# Generic loader
+
+_FAILED = object()  # marks a value that could not be converted (its problem is recorded)
+
+
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    return get_type_hints(cls)
+
+
+def _join(path: str, key: str | int) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+def _optional_inner(tp: Any) -> Any | None:
+    """`X` for `X | None`, else None."""
+    if get_origin(tp) in (Union, types.UnionType):
+        inner = [a for a in get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and len(get_args(tp)) == 2:
+            return inner[0]
+    return None
+
+
+def _describe(tp: Any) -> str:
+    inner = _optional_inner(tp)
+    if inner is not None:
+        return f"{_describe(inner)} or null"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    if get_origin(tp) is list:
+        return f"a list of {_describe(get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if get_origin(tp) is dict:
+        return "a mapping"
+    if tp is Any:
+        return "any value"
+    return {int: "an integer", float: "a number", bool: "a boolean (true/false)",
+            str: "a string"}.get(tp, str(tp))
+
+
+def _convert(tp: Any, value: Any, path: str, errors: list[str], failed: set[str]) -> Any:
+    """Return `value` as type `tp`, or `_FAILED` after recording the problem."""
+    def fail(why: str = "") -> Any:
+        errors.append(f"{path} = {value!r} has the wrong type: expected {_describe(tp)}"
+                      f"{why}, got {type(value).__name__}")
+        failed.add(path)
+        return _FAILED
+
+    inner = _optional_inner(tp)
+    if tp is Any:
+        return copy.deepcopy(value)
+    if inner is not None:
+        return None if value is None else _convert(inner, value, path, errors, failed)
+    if dataclasses.is_dataclass(tp):
+        if value is None:  # an empty YAML section (`grpo:`) means all defaults
+            value = {}
+        return _build(tp, value, path, errors, failed) if isinstance(value, dict) else fail()
+    if get_origin(tp) is list:
+        if not isinstance(value, (list, tuple)):
+            return fail()
+        items = [_convert(get_args(tp)[0], v, _join(path, i), errors, failed)
+                 for i, v in enumerate(value)]
+        return _FAILED if any(x is _FAILED for x in items) else items
+    if get_origin(tp) is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+        return copy.deepcopy(value) if ok else fail(" with string keys")
+    if tp is bool:
+        return value if isinstance(value, bool) else fail()
+    if tp is int:
+        return value if isinstance(value, int) and not isinstance(value, bool) else fail()
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads `1e-5` (no dot) as a string
+            try:
+                number = float(value.strip())
+            except ValueError:
+                return fail()
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        else:
+            return fail()
+        return number if math.isfinite(number) else fail(" (finite)")
+    if tp is str:
+        return value if isinstance(value, str) else fail()
+    raise TypeError(f"config loader does not support the field type {tp!r} (at {path})")
+
+
+def _unknown_key(path: str, key: Any, valid: Sequence[str]) -> str:
+    guess = difflib.get_close_matches(str(key), valid, n=1)
+    hint = f" (did you mean {guess[0]!r}?)" if guess else ""
+    section = f"of {path}" if path else "at the top level"
+    return f"{_join(path, str(key))} is not a known key{hint}; valid keys {section}: {', '.join(valid)}"
+
+
+def _build(cls: type, data: dict, path: str, errors: list[str], failed: set[str]) -> Any:
+    """Build dataclass `cls` from a mapping; a field that fails keeps its default."""
+    hints, fields = _hints(cls), dataclasses.fields(cls)
+    valid = [f.name for f in fields]
+    errors.extend(_unknown_key(path, k, valid) for k in data if k not in hints)
+    kwargs = {}
+    for f in fields:
+        fpath = _join(path, f.name)
+        if f.name in data:
+            value = _convert(hints[f.name], data[f.name], fpath, errors, failed)
+            if value is not _FAILED:
+                kwargs[f.name] = value
+                continue
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            errors.append(f"{fpath} is required: expected {_describe(hints[f.name])}")
+            failed.add(fpath)
+        if f.default is not dataclasses.MISSING:
+            kwargs[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            kwargs[f.name] = f.default_factory()
+        else:
+            kwargs[f.name] = None  # required and missing/bad: already reported
+    return cls(**kwargs)
+
+
+def _validate_tree(obj: Any, path: str) -> list[str]:
+    """Run `validate()` on every nested dataclass (children first), prefixing paths."""
+    problems = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        children = enumerate(value) if isinstance(value, list) else [(None, value)]
+        for i, child in children:
+            if dataclasses.is_dataclass(child):
+                fpath = _join(path, f.name)
+                problems += _validate_tree(child, fpath if i is None else _join(fpath, i))
+    own = obj.validate() if hasattr(obj, "validate") else []
+    return problems + [_join(path, p) for p in own]
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build and validate dataclass `cls` from a plain mapping; raise ConfigError listing all problems."""
+    errors: list[str] = []
+    failed: set[str] = set()
+    if not isinstance(data, dict):
+        raise ConfigError([f"{path or 'configuration'} = {data!r} has the wrong type: expected "
+                           f"a mapping, got {type(data).__name__}"])
+    obj = _build(cls, data, path, errors, failed)
+
+    def about_failed(problem: str) -> bool:  # a check on a default stand-in says nothing useful
+        return any(re.search(rf"(?<![\w.]){re.escape(f)}(?!\w)", problem) for f in failed)
+
+    errors += [p for p in _validate_tree(obj, path) if not about_failed(p)]
+    if errors:
+        raise ConfigError(errors)
+    return obj
+
+
+# ---------------------------------------------------------------------------------------
+# Overrides ("trainer.lr=3e-5") and the public API
+
+def _apply_override(data: dict, item: str) -> str | None:
+    """Set one `dotted.path=value` in the raw mapping, checked against the schema; return a problem or None."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        return f"override {item!r} is malformed: write it as section.field=value, e.g. trainer.lr=3e-5"
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as exc:
+        return f"override {item!r}: the value is not valid YAML ({exc})"
+    parts = key.split(".")
+    tp, node = Config, data
+    for depth, part in enumerate(parts):
+        where = ".".join(parts[:depth])
+        tp = _optional_inner(tp) or tp
+        index: str | int = part
+        if dataclasses.is_dataclass(tp) and isinstance(node, dict):
+            if part not in _hints(tp):
+                valid = [f.name for f in dataclasses.fields(tp)]
+                return f"override {item!r}: {_unknown_key(where, part, valid)}"
+            child_tp = _hints(tp)[part]
+        elif isinstance(node, list) and (get_origin(tp) is list or tp is Any):
+            if not part.isdigit() or int(part) >= len(node):
+                count = f"{len(node)} entr{'y' if len(node) == 1 else 'ies'}"
+                return f"override {item!r}: {_join(where, part)} is not a valid index: {where} has {count}"
+            index, child_tp = int(part), (Any if tp is Any else get_args(tp)[0])
+        elif isinstance(node, dict) and (get_origin(tp) is dict or tp is Any):
+            child_tp = Any
+        else:
+            return f"override {item!r}: {where} is {_describe(tp)}, not a section with a field {part!r}"
+        if depth == len(parts) - 1:
+            node[index] = value
+            return None
+        if isinstance(node, dict) and node.get(index) is None and (
+                dataclasses.is_dataclass(_optional_inner(child_tp) or child_tp)
+                or get_origin(child_tp) is dict or child_tp is Any):
+            node[index] = {}  # create a section (or an options sub-mapping) the recipe left out
+        node, tp = (node.get(index) if isinstance(node, dict) else node[index]), child_tp
+    return None
+
+
+def load_config(source: str | os.PathLike | dict | Config, overrides: Sequence[str] = ()) -> Config:
+    """Load a Config from a YAML path, a plain mapping or a Config, apply `key=value` overrides, validate.
+
+    Raises ConfigError naming every bad field (or the missing file / bad override).
+    """
+    where = ""
+    if isinstance(source, Config):
+        data = config_to_dict(source)
+    elif isinstance(source, dict):
+        data = copy.deepcopy(source)  # overrides must not touch the caller's mapping
+    else:
+        where = os.fspath(source)
+        try:
+            text = Path(where).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([f"config file {where!r} does not exist"]) from None
+        except OSError as exc:
+            raise ConfigError([f"config file {where!r} cannot be read: {exc}"]) from None
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ConfigError([f"config file {where!r} is not valid YAML: {exc}"]) from None
+        data = {} if data is None else data
+    if not isinstance(data, dict):
+        raise ConfigError([f"{where or 'configuration'} must be a mapping of sections (run, model, ...), "
+                           f"got {type(data).__name__}"])
+    problems = [p for p in (_apply_override(data, o) for o in overrides) if p]
+    if problems:
+        raise ConfigError(problems, header="bad overrides" + (f" for {where}" if where else ""))
+    try:
+        return from_dict(Config, data)
+    except ConfigError as exc:
+        if not where:
+            raise
+        raise ConfigError(exc.problems, header=f"invalid configuration in {where}") from None
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Return the config as plain nested dicts/lists/scalars (YAML-serialisable)."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        return value
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML (loadable again with `load_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False), encoding="utf-8")

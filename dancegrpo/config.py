@@ -84,7 +84,8 @@ class ModelConfig:
     options: dict[str, Any] = field(default_factory=dict)  # adapter-specific, passed through
 
     def validate(self) -> list[str]:
-        return _problems(_rule("name", self.name, bool(self.name.strip()), "a non-empty adapter name"))
+        name_ok = bool(self.name.strip())
+        return _problems(_rule("name", self.name, name_ok, "a non-empty adapter name"))
 
 
 @dataclass
@@ -110,7 +111,7 @@ class SamplerConfig:
 
 @dataclass
 class DataConfig:
-    train_prompts: str = ""          # prompt file (one a line) or builtin like "toy:train"; required
+    train_prompts: str = ""          # prompt file (one a line) or builtin ("toy:train"); required
     eval_prompts: str = ""           # same; "" disables held-out evaluation
     eval_num_prompts: int | None = None  # None = all eval prompts
 
@@ -180,7 +181,8 @@ class TrainerConfig:
     grad_clip: float | None = 1.0    # max grad norm; None disables clipping
     lr_schedule: str = "constant"    # constant | linear | cosine
     warmup_iterations: int = 0
-    updates_per_iteration: int = 4   # optimizer steps per iteration; (sample, step) pairs split evenly
+    updates_per_iteration: int = 4   # optimizer steps per iteration; (sample, step) pairs split
+                                     # evenly between them
     micro_batch_size: int = 4        # samples per forward/backward in training
     ema_decay: float | None = None   # None disables the EMA of weights
     checkpoint_every: int = 10
@@ -204,10 +206,12 @@ class TrainerConfig:
                   self.updates_per_iteration >= 1, ">= 1"),
             _rule("micro_batch_size", self.micro_batch_size, self.micro_batch_size >= 1, ">= 1"),
             _rule("ema_decay", self.ema_decay,
-                  self.ema_decay is None or 0 < self.ema_decay < 1, "in (0, 1) (or null to disable)"),
+                  self.ema_decay is None or 0 < self.ema_decay < 1,
+                  "in (0, 1) (or null to disable)"),
             _rule("checkpoint_every", self.checkpoint_every, self.checkpoint_every >= 1, ">= 1"),
             _rule("keep_last", self.keep_last, self.keep_last >= 1, ">= 1"),
-            _rule("eval_every", self.eval_every, self.eval_every >= 0, ">= 0 (0 = before and after training only)"),
+            _rule("eval_every", self.eval_every, self.eval_every >= 0,
+                  ">= 0 (0 = before and after training only)"),
             _rule("log_every", self.log_every, self.log_every >= 1, ">= 1"),
         )
 
@@ -307,7 +311,10 @@ def _convert(tp: Any, value: Any, path: str, errors: list[str], failed: set[str]
             return fail()
         items = [_convert(get_args(tp)[0], v, _join(path, i), errors, failed)
                  for i, v in enumerate(value)]
-        return _FAILED if any(x is _FAILED for x in items) else items
+        if any(x is _FAILED for x in items):
+            failed.add(path)  # the whole list falls back to its default
+            return _FAILED
+        return items
     if get_origin(tp) is dict:
         ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
         return copy.deepcopy(value) if ok else fail(" with string keys")
@@ -335,7 +342,8 @@ def _unknown_key(path: str, key: Any, valid: Sequence[str]) -> str:
     guess = difflib.get_close_matches(str(key), valid, n=1)
     hint = f" (did you mean {guess[0]!r}?)" if guess else ""
     section = f"of {path}" if path else "at the top level"
-    return f"{_join(path, str(key))} is not a known key{hint}; valid keys {section}: {', '.join(valid)}"
+    return (f"{_join(path, str(key))} is not a known key{hint}; "
+            f"valid keys {section}: {', '.join(valid)}")
 
 
 def _build(cls: type, data: dict, path: str, errors: list[str], failed: set[str]) -> Any:
@@ -378,7 +386,11 @@ def _validate_tree(obj: Any, path: str) -> list[str]:
 
 
 def from_dict(cls: type, data: dict, path: str = "") -> Any:
-    """Build and validate dataclass `cls` from a plain mapping; raise ConfigError listing all problems."""
+    """Build dataclass `cls` from a plain mapping and validate it.
+
+    `path` prefixes every reported field path (e.g. "grpo" when building one section).
+    Raises ConfigError listing every problem found.
+    """
     errors: list[str] = []
     failed: set[str] = set()
     if not isinstance(data, dict):
@@ -399,11 +411,15 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
 # Overrides ("trainer.lr=3e-5") and the public API
 
 def _apply_override(data: dict, item: str) -> str | None:
-    """Set one `dotted.path=value` in the raw mapping, checked against the schema; return a problem or None."""
+    """Set one `dotted.path=value` in the raw mapping, checked against the schema.
+
+    Returns a problem description, or None on success.
+    """
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        return f"override {item!r} is malformed: write it as section.field=value, e.g. trainer.lr=3e-5"
+        return (f"override {item!r} is malformed: write it as section.field=value, "
+                "e.g. trainer.lr=3e-5")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
@@ -422,12 +438,14 @@ def _apply_override(data: dict, item: str) -> str | None:
         elif isinstance(node, list) and (get_origin(tp) is list or tp is Any):
             if not part.isdigit() or int(part) >= len(node):
                 count = f"{len(node)} entr{'y' if len(node) == 1 else 'ies'}"
-                return f"override {item!r}: {_join(where, part)} is not a valid index: {where} has {count}"
+                return (f"override {item!r}: {_join(where, part)} is not a valid index: "
+                        f"{where} has {count}")
             index, child_tp = int(part), (Any if tp is Any else get_args(tp)[0])
         elif isinstance(node, dict) and (get_origin(tp) is dict or tp is Any):
             child_tp = Any
         else:
-            return f"override {item!r}: {where} is {_describe(tp)}, not a section with a field {part!r}"
+            return (f"override {item!r}: {where} is {_describe(tp)}, "
+                    f"not a section with a field {part!r}")
         if depth == len(parts) - 1:
             node[index] = value
             return None
@@ -440,7 +458,7 @@ def _apply_override(data: dict, item: str) -> str | None:
 
 
 def load_config(source: str | os.PathLike | dict | Config, overrides: Sequence[str] = ()) -> Config:
-    """Load a Config from a YAML path, a plain mapping or a Config, apply `key=value` overrides, validate.
+    """Load a Config from a YAML path, a mapping or a Config; apply `key=value` overrides; validate.
 
     Raises ConfigError naming every bad field (or the missing file / bad override).
     """
@@ -463,8 +481,8 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: Sequence[s
             raise ConfigError([f"config file {where!r} is not valid YAML: {exc}"]) from None
         data = {} if data is None else data
     if not isinstance(data, dict):
-        raise ConfigError([f"{where or 'configuration'} must be a mapping of sections (run, model, ...), "
-                           f"got {type(data).__name__}"])
+        raise ConfigError([f"{where or 'configuration'} must be a mapping of sections "
+                           f"(run, model, ...), got {type(data).__name__}"])
     problems = [p for p in (_apply_override(data, o) for o in overrides) if p]
     if problems:
         raise ConfigError(problems, header="bad overrides" + (f" for {where}" if where else ""))

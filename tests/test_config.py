@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from dancegrpo.config import (
-    Config, ConfigError, DataConfig, GRPOConfig, RewardConfig, config_to_dict, from_dict,
-    load_config, save_config,
+    Config, ConfigError, DataConfig, GRPOConfig, ModelConfig, RewardConfig, config_to_dict,
+    from_dict, load_config, save_config,
 )
 
 # Every field set to a non-default value, so a dropped or altered field shows up.
@@ -149,8 +149,9 @@ def test_empty_section_means_defaults_and_input_is_not_mutated():
 def test_options_are_copied_not_shared():
     data = with_change("model", "options", {"layers": [1, 2]})
     cfg = load_config(data)
+    section = from_dict(ModelConfig, data["model"], path="model")
     data["model"]["options"]["layers"].append(3)
-    assert cfg.model.options == {"layers": [1, 2]}
+    assert cfg.model.options == {"layers": [1, 2]} == section.options
 
 
 # --- refused configs ----------------------------------------------------------------------
@@ -236,6 +237,8 @@ def test_bad_field_is_not_reported_twice():
     assert problems == ["data.train_prompts = 5 has the wrong type: expected a string, got int"]
     _, problems = problems_of(with_change(None, "rewards", {"name": "r"}))
     assert len(problems) == 1 and problems[0].startswith("rewards = {'name': 'r'}")
+    _, problems = problems_of(with_change(None, "rewards", ["r"]))
+    assert problems == ["rewards.0 = 'r' has the wrong type: expected a mapping, got str"]
     # ... nor a cross-field check that compares against that stand-in.
     data = with_change("grpo", "group_size", "many")
     data["grpo"]["best_of_n_keep"] = 9

@@ -1,0 +1,1 @@
+"""Held-out evaluation outputs: sample grids, curves and the run summary."""

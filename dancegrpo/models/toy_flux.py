@@ -1,0 +1,214 @@
+"""The embedded tiny text-to-image rectified flow: a FLUX transformer at toy size.
+
+It goes through the same code path as FLUX.1-dev: diffusers' FluxTransformer2DModel,
+2x2-packed latent tokens with (0, row, col) position ids, text tokens with zero ids,
+pooled text projections, embedded guidance, and a sigma-valued timestep.
+
+Differences from FLUX, chosen so it trains and samples in seconds on a CPU:
+- "latents" are pixels: a 32x32 RGB image in [-1, 1] rearranged space-to-depth into a
+  12x16x16 tensor, so decode is a fixed pixel-shuffle instead of a VAE;
+- the text encoder is a word-level embedding plus one transformer layer (the real
+  model's CLIP and T5 are replaced, not emulated).
+
+On disk it is a diffusers-style directory: `transformer/` (FluxTransformer2DModel's own
+save_pretrained format) and `text_encoder/` (config.json + model.safetensors).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .base import Conditioning
+
+EMBEDDED_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "toy_flux"
+
+TOY_VOCAB = (
+    "<pad> a an the and of on at left right top bottom above below "
+    "two three red green blue yellow circle circles square squares triangle triangles"
+).split()
+
+# Architecture of the committed checkpoint; `build_toy_flux` takes overrides for tests.
+DEFAULT_TRANSFORMER_CONFIG = dict(
+    patch_size=1,
+    in_channels=48,  # 12 space-to-depth channels x 2x2 FLUX packing
+    out_channels=48,
+    num_layers=2,
+    num_single_layers=2,
+    attention_head_dim=32,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    pooled_projection_dim=64,
+    guidance_embeds=True,
+    axes_dims_rope=(8, 12, 12),
+)
+DEFAULT_TEXT_CONFIG = dict(vocab=list(TOY_VOCAB), dim=64, max_length=12, num_heads=4, ff_dim=128)
+
+
+class ToyTextEncoder(nn.Module):
+    """Word embeddings + learned positions + one transformer layer; pooled by masked mean."""
+
+    def __init__(self, vocab: list[str], dim: int, max_length: int, num_heads: int, ff_dim: int):
+        super().__init__()
+        self.config = dict(vocab=list(vocab), dim=dim, max_length=max_length, num_heads=num_heads, ff_dim=ff_dim)
+        self.word_to_id = {word: i for i, word in enumerate(vocab)}
+        self.max_length = max_length
+        self.embed = nn.Embedding(len(vocab), dim)
+        self.position = nn.Parameter(torch.zeros(max_length, dim))
+        self.layer = nn.TransformerEncoderLayer(dim, num_heads, ff_dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.norm = nn.LayerNorm(dim)
+
+    def tokenize(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            words = prompt.lower().replace(",", " ").split()
+            unknown = [w for w in words if w not in self.word_to_id]
+            if unknown:
+                raise ValueError(
+                    f"the embedded toy model does not know the word(s) {unknown} in prompt {prompt!r}; "
+                    f"it knows only: {' '.join(self.config['vocab'][1:])}"
+                )
+            if len(words) > self.max_length:
+                raise ValueError(f"prompt {prompt!r} has {len(words)} words; the toy model takes at most {self.max_length}")
+            ids[row, : len(words)] = torch.tensor([self.word_to_id[w] for w in words])
+        return ids, ids != 0
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.embed(ids) + self.position[: ids.shape[1]]
+        hidden = self.norm(self.layer(hidden, src_key_padding_mask=~mask))
+        hidden = hidden * mask.unsqueeze(-1)
+        pooled = hidden.sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        return hidden, pooled
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "config.json").write_text(json.dumps(self.config, indent=2))
+        save_file({k: v.contiguous() for k, v in self.state_dict().items()}, str(directory / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "ToyTextEncoder":
+        directory = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (directory / name).is_file():
+                raise FileNotFoundError(f"toy text encoder: missing {directory / name}")
+        encoder = cls(**json.loads((directory / "config.json").read_text()))
+        encoder.load_state_dict(load_file(str(directory / "model.safetensors")))
+        return encoder
+
+
+def pixels_to_latents(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, 12, H/2, W/2) in [-1, 1]."""
+    return F.pixel_unshuffle(images * 2 - 1, 2)
+
+
+def latents_to_pixels(latents: torch.Tensor) -> torch.Tensor:
+    """(B, 12, h, w) -> (B, 3, 2h, 2w) in [0, 1]."""
+    return (F.pixel_shuffle(latents.float(), 2) + 1).div(2).clamp(0, 1)
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """FLUX packing: (B, C, h, w) -> (B, h/2 * w/2, 4C), 2x2 patches as tokens."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
+    b = tokens.shape[0]
+    x = tokens.view(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels, h, w)
+
+
+def latent_image_ids(h: int, w: int, device=None) -> torch.Tensor:
+    """FLUX image position ids: (h/2 * w/2, 3) holding (0, row, col)."""
+    rows = torch.arange(h // 2, device=device).repeat_interleave(w // 2)
+    cols = torch.arange(w // 2, device=device).repeat(h // 2)
+    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).float()
+
+
+class ToyFluxGenerator(nn.Module):
+    """Adapter for the embedded toy model (implements models.base.GeneratorAdapter)."""
+
+    prediction = "flow"
+
+    def __init__(self, transformer: FluxTransformer2DModel, text_encoder: ToyTextEncoder,
+                 image_size: int = 32, guidance_scale: float = 1.0):
+        super().__init__()
+        self.transformer = transformer
+        self.text_encoder = text_encoder.requires_grad_(False).eval()
+        self.image_size = image_size
+        self.guidance_scale = guidance_scale
+        self.latent_channels = transformer.config.in_channels // 4
+        h = image_size // 2
+        self.register_buffer("img_ids", latent_image_ids(h, h), persistent=False)
+
+    @property
+    def trainable(self) -> nn.Module:
+        return self.transformer
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        h = self.image_size // 2
+        return (self.latent_channels, h, h)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str]) -> Conditioning:
+        ids, mask = self.text_encoder.tokenize(prompts)
+        device = self.img_ids.device
+        hidden, pooled = self.text_encoder(ids.to(device), mask.to(device))
+        return {"prompt_embeds": hidden, "pooled_embeds": pooled}
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        b, c, h, w = latents.shape
+        text = cond["prompt_embeds"]
+        guidance = torch.full((b,), self.guidance_scale, device=latents.device, dtype=latents.dtype)
+        out = self.transformer(
+            hidden_states=pack_latents(latents),
+            encoder_hidden_states=text.to(latents.dtype),
+            pooled_projections=cond["pooled_embeds"].to(latents.dtype),
+            timestep=t.to(latents.dtype).expand(b),
+            img_ids=self.img_ids,
+            txt_ids=torch.zeros(text.shape[1], 3, device=latents.device),
+            guidance=guidance if self.transformer.config.guidance_embeds else None,
+            return_dict=False,
+        )[0]
+        return unpack_latents(out, c, h, w)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return latents_to_pixels(latents)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        directory = Path(directory)
+        self.transformer.save_pretrained(directory / "transformer")
+        self.text_encoder.save_pretrained(directory / "text_encoder")
+        (directory / "model_index.json").write_text(json.dumps(
+            {"_class_name": "ToyFluxGenerator", "image_size": self.image_size}, indent=2))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike = "", guidance_scale: float = 1.0) -> "ToyFluxGenerator":
+        directory = Path(directory) if directory else EMBEDDED_CHECKPOINT
+        index = directory / "model_index.json"
+        if not index.is_file():
+            raise FileNotFoundError(
+                f"{directory} is not a toy_flux checkpoint: missing {index}. Expected layout: "
+                "model_index.json, transformer/{config.json,diffusion_pytorch_model.safetensors}, "
+                "text_encoder/{config.json,model.safetensors}")
+        image_size = json.loads(index.read_text())["image_size"]
+        transformer = FluxTransformer2DModel.from_pretrained(directory, subfolder="transformer")
+        text_encoder = ToyTextEncoder.from_pretrained(directory / "text_encoder")
+        return cls(transformer, text_encoder, image_size=image_size, guidance_scale=guidance_scale)
+
+
+def build_toy_flux(seed: int = 0, image_size: int = 32, transformer_overrides: dict | None = None,
+                   text_overrides: dict | None = None) -> ToyFluxGenerator:
+    """A freshly initialised toy model (random weights), e.g. for pretraining or tests."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**{**DEFAULT_TRANSFORMER_CONFIG, **(transformer_overrides or {})})
+    text_encoder = ToyTextEncoder(**{**DEFAULT_TEXT_CONFIG, **(text_overrides or {})})
+    return ToyFluxGenerator(transformer, text_encoder, image_size=image_size)

@@ -1,0 +1,87 @@
+"""Batched SDE rollouts that record what training needs.
+
+A rollout runs the policy's stochastic sampler on many samples at once, in chunks of
+`chunk_size` samples. Training later reuses exactly these chunks, one chunk at one step
+per micro-batch, so the log-probs recorded here and the ones recomputed with gradients
+come from the same computation on the same inputs and the ratio at the first update is
+exactly 1 (a model's float output depends on the batch it runs in).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import sde
+from .models.base import Conditioning, index_cond
+from .profiling import nvtx_range
+
+
+@dataclass
+class Rollout:
+    """Trajectories of N samples over T steps (N = groups * group_size, group-major)."""
+
+    latents: torch.Tensor    # (N, T+1, *latent): x at each step, x[:, 0] the initial noise
+    log_probs: torch.Tensor  # (N, T): log-density of each taken step under the rollout policy
+    chunks: list[torch.Tensor]  # sample indices of each chunk, in the order they ran
+
+    @property
+    def final(self) -> torch.Tensor:
+        return self.latents[:, -1]
+
+
+def chunk_indices(num_samples: int, chunk_size: int, device=None) -> list[torch.Tensor]:
+    return list(torch.arange(num_samples, device=device).split(chunk_size))
+
+
+@torch.no_grad()
+def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Tensor, chunk_size: int,
+                generator: torch.Generator | None = None, reduce: str = "mean", progress=None) -> Rollout:
+    """Sample all trajectories; chunk by chunk, all steps of a chunk in a row."""
+    num_samples, steps = initial_latents.shape[0], sampler.num_steps
+    latents = initial_latents.new_empty((num_samples, steps + 1, *initial_latents.shape[1:]))
+    latents[:, 0] = initial_latents
+    log_probs = torch.empty(num_samples, steps, device=initial_latents.device)
+    chunks = chunk_indices(num_samples, chunk_size, initial_latents.device)
+    with nvtx_range("rollout"):
+        for rows in chunks:
+            x, chunk_cond = latents[rows, 0], index_cond(cond, rows)
+            for i in range(steps):
+                with nvtx_range("denoise_step"):
+                    step = torch.full((len(rows),), i, device=x.device, dtype=torch.long)
+                    out = adapter.predict(x, sampler.model_time(step), chunk_cond)
+                    mean, std = sampler.mean_std(out, x, step)
+                    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                    x, log_probs[rows, i] = sde.sde_step_with_log_prob(mean, std, noise=noise, reduce=reduce)
+                    latents[rows, i + 1] = x
+            if progress is not None:
+                progress.update(1)
+    return Rollout(latents=latents, log_probs=log_probs, chunks=chunks)
+
+
+def step_log_prob(adapter, sampler, latents: torch.Tensor, rows: torch.Tensor, step: int, cond: Conditioning,
+                  reduce: str = "mean", eta: float | None = None):
+    """Log-prob of the recorded step `step` for samples `rows`, with gradients.
+
+    Returns (log_prob, mean, std) so callers can add a KL term on the mean.
+    """
+    x, x_next = latents[rows, step], latents[rows, step + 1]
+    steps = torch.full((len(rows),), step, device=x.device, dtype=torch.long)
+    out = adapter.predict(x, sampler.model_time(steps), cond)
+    mean, std = sampler.mean_std(out, x, steps, eta=eta)
+    _, log_prob = sde.sde_step_with_log_prob(mean, std, prev_sample=x_next, reduce=reduce)
+    return log_prob, mean, std
+
+
+@torch.no_grad()
+def ode_sample(adapter, sampler, cond: Conditioning, initial_latents: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Deterministic sampling (eta = 0) for evaluation: the mean of every step."""
+    finals = []
+    for rows in chunk_indices(initial_latents.shape[0], chunk_size, initial_latents.device):
+        x, chunk_cond = initial_latents[rows], index_cond(cond, rows)
+        for i in range(sampler.num_steps):
+            step = torch.full((len(rows),), i, device=x.device, dtype=torch.long)
+            out = adapter.predict(x, sampler.model_time(step), chunk_cond)
+            x, _ = sampler.mean_std(out, x, step, eta=0.0)
+        finals.append(x)
+    return torch.cat(finals)

@@ -1,0 +1,71 @@
+"""Samplers: a schedule plus the step rule, indexed by per-sample step numbers.
+
+A sampler turns "sample b is at step i" into the model's time input and, given the
+model output, into the Gaussian of the next latent. Steps are LongTensors of shape (B,)
+so one batch may mix steps; the math itself lives in `sde`.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import sde
+
+
+class FlowSampler:
+    """Rectified flow on a time-shifted sigma schedule (FLUX, HunyuanVideo, SkyReels)."""
+
+    prediction = "flow"
+
+    def __init__(self, num_steps: int, shift: float, eta: float, form: str = "dancegrpo", device=None):
+        self.num_steps = num_steps
+        self.eta = eta
+        self.form = form
+        self.sigmas = sde.flow_sigmas(num_steps, shift, device=device)
+
+    def model_time(self, step: torch.Tensor) -> torch.Tensor:
+        return self.sigmas[step]
+
+    def mean_std(self, model_output, sample, step: torch.Tensor, eta: float | None = None):
+        return sde.flow_step_mean_std(
+            model_output, sample, self.sigmas[step], self.sigmas[step + 1],
+            self.eta if eta is None else eta, form=self.form, sigma_max=self.sigmas[1])
+
+    def to(self, device) -> "FlowSampler":
+        self.sigmas = self.sigmas.to(device)
+        return self
+
+
+class DDIMSampler:
+    """DDIM with eta for epsilon prediction (Stable Diffusion)."""
+
+    prediction = "ddim"
+
+    def __init__(self, num_steps: int, eta: float, alphas_cumprod: torch.Tensor | None = None,
+                 steps_offset: int = 1, device=None):
+        self.num_steps = num_steps
+        self.eta = eta
+        alphas_cumprod = sde.ddim_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
+        self.timesteps = sde.ddim_timesteps(num_steps, len(alphas_cumprod), steps_offset=steps_offset).to(device)
+        abar_t, abar_prev = sde.ddim_schedule(num_steps, alphas_cumprod, self.timesteps)
+        self.abar_t, self.abar_prev = abar_t.to(device), abar_prev.to(device)
+
+    def model_time(self, step: torch.Tensor) -> torch.Tensor:
+        return self.timesteps[step]
+
+    def mean_std(self, model_output, sample, step: torch.Tensor, eta: float | None = None):
+        return sde.ddim_step_mean_std(model_output, sample, self.abar_t[step], self.abar_prev[step],
+                                      self.eta if eta is None else eta)
+
+    def to(self, device) -> "DDIMSampler":
+        for name in ("timesteps", "abar_t", "abar_prev"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+
+def build_sampler(prediction: str, num_steps: int, eta: float, shift: float = 1.0,
+                  form: str = "dancegrpo", device=None):
+    if prediction == "flow":
+        return FlowSampler(num_steps, shift, eta, form, device=device)
+    if prediction == "ddim":
+        return DDIMSampler(num_steps, eta, device=device)
+    raise ValueError(f"unknown model prediction type {prediction!r}: expected 'flow' or 'ddim'")

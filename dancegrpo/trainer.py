@@ -1,0 +1,431 @@
+"""The DanceGRPO trainer: one loop for every generator and every reward.
+
+An iteration: draw prompts, roll out `group_size` samples per prompt from shared initial
+noise (batched, chunk by chunk), decode and score them in memory, turn rewards into
+per-group advantages, then make `updates_per_iteration` optimizer steps over the
+(chunk, step) pairs of a random subset of ceil(tau*T) steps per chunk.
+
+Every random draw of an iteration comes from generators seeded by (seed, iteration), so
+a resumed run repeats exactly what an uninterrupted one would have done.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from . import grpo
+from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .config import Config, load_config, save_config
+from .eval.report import save_eval_images, write_report
+from .data import load_prompts, prompts_for_iteration
+from .metrics import MetricsLogger
+from .models import load_model, repeat_cond
+from .models.base import FrozenReference, index_cond
+from .profiling import nvtx_range
+from .rewards import RewardEntry, RewardFn, RewardSet, build_reward
+from .rollout import Rollout, chunk_indices, ode_sample, run_rollout, step_log_prob
+from .sampler import build_sampler
+
+log = logging.getLogger(__name__)
+
+
+def derive_seed(seed: int, *keys) -> int:
+    """A 63-bit seed from the run seed and labels; independent streams per purpose."""
+    digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass
+class UpdatePlan:
+    """The micro-batches of one iteration, grouped into optimizer updates."""
+
+    updates: list[list[tuple[torch.Tensor, int]]]  # per update: (sample rows, step) micro-batches
+
+
+def plan_updates(chunks: list[torch.Tensor], num_steps: int, tau: float, num_updates: int,
+                 generator: torch.Generator) -> UpdatePlan:
+    """Pick ceil(tau*T) steps per chunk, shuffle the (chunk, step) pairs, split into updates.
+
+    Steps are chosen per chunk (not per sample) because a micro-batch must be a rollout
+    chunk at one step for its log-prob to be recomputed bit-identically.
+    """
+    steps = grpo.subsample_timesteps(len(chunks), num_steps, tau, generator=generator)
+    pairs = [(chunks[c], int(s)) for c in range(len(chunks)) for s in steps[c]]
+    order = torch.randperm(len(pairs), generator=generator).tolist()
+    pairs = [pairs[i] for i in order]
+    num_updates = min(num_updates, len(pairs))
+    bounds = [round(u * len(pairs) / num_updates) for u in range(num_updates + 1)]
+    return UpdatePlan([pairs[bounds[u]: bounds[u + 1]] for u in range(num_updates)])
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def factor(it: int) -> float:
+        warm = min(1.0, (it + 1) / warmup) if warmup > 0 else 1.0
+        progress = min(1.0, max(0.0, (it - warmup) / max(1, total - warmup)))
+        if schedule == "linear":
+            return warm * (1.0 - progress)
+        if schedule == "cosine":
+            return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return warm
+    return factor
+
+
+class Trainer:
+    """Build from a Config (or YAML path / dict), optionally with your own reward callables.
+
+        trainer = Trainer("configs/quickstart.yaml", rewards={"mine": my_reward})
+        trainer.train()
+        trainer.metrics  # list of per-iteration dicts
+    """
+
+    def __init__(self, config: Config | str | dict, rewards: dict[str, RewardFn] | None = None,
+                 adapter=None, overrides=()):
+        self.cfg = cfg = load_config(config, overrides)
+        if cfg.run.num_threads:
+            torch.set_num_threads(cfg.run.num_threads)
+        self.device = torch.device(cfg.run.device)
+        self.run_dir = Path(cfg.run.output_dir)
+        self.adapter = adapter if adapter is not None else load_model(cfg.model.name, cfg.model.path, cfg.model.options)
+        self.adapter.to(self.device)
+        self.policy = self.adapter.trainable
+        self.policy.requires_grad_(True).train()
+        self.sampler = build_sampler(self.adapter.prediction, cfg.sampler.num_steps, cfg.sampler.eta,
+                                     cfg.sampler.shift, cfg.sampler.sde_form, device=self.device)
+        self.eval_sampler = build_sampler(self.adapter.prediction, cfg.sampler.eval_num_steps or cfg.sampler.num_steps,
+                                          0.0, cfg.sampler.shift, cfg.sampler.sde_form, device=self.device)
+        self.rewards = self._build_rewards(rewards or {})
+        self.train_prompts = load_prompts(cfg.data.train_prompts)
+        self.eval_prompts = load_prompts(cfg.data.eval_prompts)[: cfg.data.eval_num_prompts] if cfg.data.eval_prompts else []
+        t = cfg.trainer
+        self.params = [p for p in self.policy.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
+                                           weight_decay=t.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lr_lambda(t.lr_schedule, t.warmup_iterations, t.iterations))
+        self.ema = ({n: p.detach().float().clone() for n, p in self.policy.named_parameters()}
+                    if t.ema_decay else None)
+        self.reference = FrozenReference(self.adapter, "transformer") if cfg.grpo.kl_coef > 0 else None
+        self.iteration = 0  # iterations completed
+        self.metrics: list[dict] = []
+        self.base_eval: dict | None = None
+        self.final_eval: dict | None = None
+        self.summary: str | None = None
+        self._stop_requested = False
+
+    # ------------------------------------------------------------------ setup
+    def _build_rewards(self, user: dict[str, RewardFn]) -> RewardSet:
+        entries = []
+        for rc in self.cfg.rewards:
+            fn = user[rc.name] if rc.name in user else build_reward(rc.name, rc.options)
+            entries.append(RewardEntry(rc.name, fn, rc.weight, rc.threshold))
+        configured = {rc.name for rc in self.cfg.rewards}
+        entries += [RewardEntry(name, fn) for name, fn in user.items() if name not in configured]
+        return RewardSet(entries)
+
+    def _generator(self, *keys) -> torch.Generator:
+        return torch.Generator(self.device).manual_seed(derive_seed(self.cfg.run.seed, *keys))
+
+    def _autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.run.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
+    # ------------------------------------------------------------------ one iteration
+    def step(self) -> dict:
+        """Run one iteration (rollout, reward, updates) and return its metrics."""
+        cfg, it = self.cfg, self.iteration
+        g = cfg.grpo
+        timings = {}
+        start = time.perf_counter()
+        prompts = prompts_for_iteration(self.train_prompts, it, g.prompts_per_iteration, cfg.run.seed)
+        sample_prompts = [p for p in prompts for _ in range(g.group_size)]
+        cond = repeat_cond(self.adapter.encode_prompts(prompts), g.group_size)
+        rollout_gen = self._generator("rollout", it)
+        shape = self.adapter.latent_shape()
+        if g.shared_group_noise:
+            init = grpo.shared_group_noise(len(prompts), g.group_size, shape, generator=rollout_gen, device=self.device)
+        else:
+            init = torch.randn((len(sample_prompts), *shape), generator=rollout_gen, device=self.device)
+        self.policy.eval()
+        with self._autocast():
+            rollout = run_rollout(self.adapter, self.sampler, cond, init, cfg.trainer.micro_batch_size,
+                                  generator=rollout_gen, reduce=g.logprob_reduce)
+        timings["time/rollout"] = time.perf_counter() - start
+
+        start = time.perf_counter()
+        with nvtx_range("reward"), torch.no_grad():
+            images = self.adapter.decode(rollout.final)
+            scores = self.rewards.score(images, sample_prompts)
+        advantages = grpo.aggregate_advantages(scores.values, self.rewards.weights, g.group_size, valid=scores.valid)
+        timings["time/reward"] = time.perf_counter() - start
+
+        if g.best_of_n_keep:
+            rollout, advantages, scores, cond = self._best_of_n(rollout, advantages, scores, cond)
+
+        start = time.perf_counter()
+        self.policy.train()
+        update_stats = self._update(rollout, advantages, scores.valid, cond, self._generator("plan", it))
+        timings["time/update"] = time.perf_counter() - start
+        self.scheduler.step()
+        self.iteration += 1
+
+        metrics = {"iteration": self.iteration}
+        for name, value in scores.values.items():
+            finite = value[torch.isfinite(value)]
+            metrics[f"reward/{name}_mean"] = finite.mean().item() if len(finite) else float("nan")
+            metrics[f"reward/{name}_std"] = finite.std().item() if len(finite) > 1 else 0.0
+            metrics[f"reward/{name}_faults"] = scores.faults[name]
+        metrics["reward/zero_advantage_groups"] = int((advantages.view(-1, self._group_size_after_selection())
+                                                       .abs().sum(1) == 0).sum())
+        metrics.update(update_stats)
+        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics.update(timings)
+        return metrics
+
+    def _group_size_after_selection(self) -> int:
+        k = self.cfg.grpo.best_of_n_keep
+        return 2 * k if k else self.cfg.grpo.group_size
+
+    def _best_of_n(self, rollout: Rollout, advantages, scores, cond):
+        """Keep the top-k and bottom-k samples of each group (by total advantage).
+
+        The kept samples form new chunks, so their old log-probs are recomputed in exactly
+        the micro-batches training will use.
+        """
+        g = self.cfg.grpo
+        keep = grpo.best_of_n_indices(advantages, g.group_size, g.best_of_n_keep)
+        scores.values = {k: v[keep] for k, v in scores.values.items()}
+        scores.valid = scores.valid[keep]
+        # Advantages are recomputed within the kept groups, as for a group sampled that way.
+        advantages = grpo.aggregate_advantages(scores.values, self.rewards.weights, 2 * g.best_of_n_keep,
+                                               valid=scores.valid)
+        cond = index_cond(cond, keep)
+        latents = rollout.latents[keep]
+        chunks = chunk_indices(len(keep), self.cfg.trainer.micro_batch_size, self.device)
+        log_probs = torch.empty(len(keep), self.sampler.num_steps, device=self.device)
+        self.policy.eval()
+        with torch.no_grad(), self._autocast():
+            for rows in chunks:
+                for step in range(self.sampler.num_steps):
+                    log_probs[rows, step], _, _ = step_log_prob(self.adapter, self.sampler, latents, rows, step,
+                                                                index_cond(cond, rows), self.cfg.grpo.logprob_reduce)
+        return Rollout(latents, log_probs, chunks), advantages, scores, cond
+
+    def _update(self, rollout: Rollout, advantages, valid, cond, plan_gen) -> dict:
+        cfg, g = self.cfg, self.cfg.grpo
+        plan = plan_updates(rollout.chunks, self.sampler.num_steps, g.tau, cfg.trainer.updates_per_iteration, plan_gen)
+        ratio_sum = ratio_count = clipped = 0.0
+        ratio_min, ratio_max = math.inf, -math.inf
+        loss_total = kl_total = 0.0
+        grad_norms, skipped = [], 0
+        first_update_dev = 0.0
+        for u, micro_batches in enumerate(plan.updates):
+            denom = sum(int(valid[rows].sum()) for rows, _ in micro_batches)
+            if denom == 0:
+                continue
+            self.optimizer.zero_grad(set_to_none=True)
+            update_loss = 0.0
+            for rows, step in micro_batches:
+                mask = valid[rows]
+                if not mask.any():
+                    continue
+                with nvtx_range("train_step"), self._autocast():
+                    logp, mean, std = step_log_prob(self.adapter, self.sampler, rollout.latents, rows, step,
+                                                    index_cond(cond, rows), g.logprob_reduce)
+                    old = rollout.log_probs[rows, step]
+                    out = grpo.clipped_ratio_loss(logp[mask], old[mask], advantages[rows][mask],
+                                                  g.clip_range, g.adv_clip_max)
+                    loss = out.loss
+                    if self.reference is not None:
+                        with torch.no_grad(), self.reference.active():
+                            ref_out = self.adapter.predict(rollout.latents[rows, step],
+                                                           self.sampler.model_time(torch.full_like(rows, step)),
+                                                           index_cond(cond, rows))
+                            ref_mean, _ = self.sampler.mean_std(ref_out, rollout.latents[rows, step],
+                                                                torch.full_like(rows, step))
+                        kl = grpo.kl_penalty(mean, ref_mean, std)[mask].mean()
+                        loss = loss + g.kl_coef * kl
+                        kl_total += kl.item() * int(mask.sum())
+                (loss * (int(mask.sum()) / denom)).backward()
+                if u == 0:
+                    first_update_dev = max(first_update_dev, (logp.detach() - old).abs().max().item())
+                n = int(mask.sum())
+                update_loss += loss.item() * n / denom
+                ratio = out.ratio.detach().float()
+                ratio_sum += ratio.sum().item()
+                ratio_count += n
+                ratio_min, ratio_max = min(ratio_min, ratio.min().item()), max(ratio_max, ratio.max().item())
+                clipped += out.clip_fraction.item() * n
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.trainer.grad_clip or math.inf)
+            if not torch.isfinite(grad_norm):
+                # One bad batch must not poison the weights of a long run: drop the update, count it.
+                log.warning("iteration %d update %d: non-finite grad norm, update skipped", self.iteration, u)
+                skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                continue
+            self.optimizer.step()
+            self._update_ema()
+            grad_norms.append(grad_norm.item())
+            loss_total += update_loss
+        if first_update_dev > 0:
+            log.warning("iteration %d: first-update log-prob deviation %.3g (expected exactly 0): old and new "
+                        "log-probs did not come from the same computation", self.iteration, first_update_dev)
+        n_updates = max(1, len(grad_norms))
+        return {
+            "loss": loss_total / n_updates,
+            "grad_norm": sum(grad_norms) / n_updates,
+            "ratio_mean": ratio_sum / max(1, ratio_count),
+            "ratio_min": ratio_min if ratio_count else float("nan"),
+            "ratio_max": ratio_max if ratio_count else float("nan"),
+            "clip_fraction": clipped / max(1, ratio_count),
+            "kl": kl_total / max(1, ratio_count),
+            "first_update_logp_max_dev": first_update_dev,
+            "updates": len(grad_norms),
+            "skipped_updates": skipped,
+        }
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        if self.ema is None:
+            return
+        decay = self.cfg.trainer.ema_decay
+        for name, p in self.policy.named_parameters():
+            self.ema[name].lerp_(p.detach().float(), 1 - decay)
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, prompts: list[str] | None = None, return_images: bool = False) -> dict:
+        """Held-out evaluation with the deterministic ODE sampler and fixed per-prompt seeds."""
+        prompts = self.eval_prompts if prompts is None else prompts
+        if not prompts:
+            return {}
+        noise = torch.stack([
+            torch.randn(self.adapter.latent_shape(), generator=self._generator("eval", p), device=self.device)
+            for p in prompts])
+        was_training = self.policy.training
+        self.policy.eval()
+        with self._ema_weights(), self._autocast():
+            latents = ode_sample(self.adapter, self.eval_sampler, self.adapter.encode_prompts(prompts), noise,
+                                 self.cfg.trainer.micro_batch_size)
+        self.policy.train(was_training)
+        images = self.adapter.decode(latents)
+        scores = self.rewards.score(images, prompts)
+        result = {f"eval/{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.values.items()}
+        for name, correct in self.rewards.accuracy(images, prompts).items():
+            result[f"eval/{name}_accuracy"] = correct.float().mean().item()
+        if return_images:
+            result["images"] = images.cpu()
+        return result
+
+    def _ema_weights(self):
+        import contextlib
+
+        @contextlib.contextmanager
+        def swap():
+            if self.ema is None:
+                yield
+                return
+            live = {n: p.detach().clone() for n, p in self.policy.named_parameters()}
+            for n, p in self.policy.named_parameters():
+                p.data.copy_(self.ema[n])
+            try:
+                yield
+            finally:
+                for n, p in self.policy.named_parameters():
+                    p.data.copy_(live[n])
+        return swap()
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self) -> Path:
+        extra = {"iteration": self.iteration, "base_eval": self.base_eval}
+        ema = {k: v for k, v in self.ema.items()} if self.ema is not None else None
+        return save_checkpoint(self.run_dir, self.iteration, model=self.policy, optimizer=self.optimizer,
+                               scheduler=self.scheduler, ema=ema, extra=extra,
+                               keep_last=self.cfg.trainer.keep_last)
+
+    def resume(self, path: str | Path | None = None) -> bool:
+        """Load the newest valid checkpoint of the run folder (or `path`); False if none."""
+        path = Path(path) if path else latest_checkpoint(self.run_dir)
+        if path is None:
+            return False
+        state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
+                                ema=self.ema)
+        self.iteration = state["extra"]["iteration"]
+        self.base_eval = state["extra"].get("base_eval")
+        log.info("resumed from %s at iteration %d", path, self.iteration)
+        return True
+
+    # ------------------------------------------------------------------ the loop
+    def train(self, iterations: int | None = None, resume: bool = False, progress: bool = True) -> list[dict]:
+        """Run until `iterations` (default: the config's) are done; checkpoint and log as configured."""
+        cfg = self.cfg
+        total = iterations or cfg.trainer.iterations
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.run_dir / "config.yaml")
+        resumed = self.resume() if resume else False
+        logger = MetricsLogger(self.run_dir, resume=resumed)
+        if resumed:
+            logger.truncate_after(self.iteration)
+        handlers = self._install_stop_handlers()
+        try:
+            if self.base_eval is None and self.eval_prompts:
+                self.base_eval = self.evaluate(return_images=True)
+                save_eval_images(self.run_dir, "base", self.base_eval.pop("images"))
+                logger.log(0, self.base_eval)
+            bar = tqdm(total=total, initial=self.iteration, desc="dancegrpo", unit="it",
+                       disable=not progress, dynamic_ncols=True)
+            while self.iteration < total and not self._stop_requested:
+                metrics = self.step()
+                if cfg.trainer.eval_every and self.iteration % cfg.trainer.eval_every == 0 and self.iteration < total:
+                    metrics.update(self.evaluate())
+                self.metrics.append(metrics)
+                logger.log(self.iteration, metrics)
+                if self.iteration % cfg.trainer.log_every == 0:
+                    tqdm.write(logger.console_line(self.iteration, metrics))
+                bar.update(1)
+                if (self.iteration % cfg.trainer.checkpoint_every == 0 or self.iteration == total
+                        or self._stop_requested):
+                    self.save()
+            bar.close()
+            if self.iteration >= total and self.eval_prompts:
+                final = self.evaluate(return_images=True)
+                save_eval_images(self.run_dir, "final", final.pop("images"))
+                logger.log(self.iteration, final)
+                self.final_eval = final
+                self.summary = write_report(self.run_dir, self.base_eval, final, self.eval_prompts)
+                tqdm.write(self.summary)
+        finally:
+            self._restore_stop_handlers(handlers)
+            logger.close()
+        return self.metrics
+
+    def _install_stop_handlers(self) -> dict:
+        """First SIGINT/SIGTERM: finish the running iteration, checkpoint, stop. Second: stop now.
+
+        Stopping mid-iteration saves nothing: a half-applied iteration would not resume
+        exactly, and the last checkpoint is at most `checkpoint_every` iterations old.
+        """
+        import threading
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+        return {sig: signal.signal(sig, self._request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def _restore_stop_handlers(handlers: dict) -> None:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+    def _request_stop(self, signum, frame) -> None:
+        if self._stop_requested:
+            raise KeyboardInterrupt
+        tqdm.write(f"{signal.Signals(signum).name}: finishing this iteration, saving a checkpoint, then stopping "
+                   "(send it again to stop at once without saving)")
+        self._stop_requested = True

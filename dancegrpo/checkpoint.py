@@ -444,6 +444,42 @@ def _prune(root: Path, just_written: Path, keep_last: int | None) -> None:
     _fsync_dir(root)
 
 
+def _write_checkpoint_files(
+    tmp_dir: Path,
+    step: int,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    ema: Mapping[str, torch.Tensor] | nn.Module | None,
+    generators: Mapping[str, torch.Generator] | None,
+    extra: dict[str, Any],
+) -> None:
+    """Write every file of a checkpoint into ``tmp_dir`` and fsync them and the directory."""
+    state: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": step}
+    _write_tensor_file(tmp_dir / MODEL_FILE, model.state_dict())
+    if ema is not None:
+        _write_tensor_file(tmp_dir / EMA_FILE, _module_or_dict_state(ema, "ema"))
+    if optimizer is not None:
+        opt_tensors: dict[str, torch.Tensor] = {}
+        state["optimizer"] = _encode(optimizer.state_dict(), "", opt_tensors)
+        _write_tensor_file(tmp_dir / OPTIMIZER_FILE, opt_tensors)
+    if scheduler is not None:
+        sched_tensors: dict[str, torch.Tensor] = {}
+        state["scheduler"] = _encode(scheduler.state_dict(), "", sched_tensors)
+        if sched_tensors:
+            _write_tensor_file(tmp_dir / SCHEDULER_FILE, sched_tensors)
+    rng_tensors, state["rng"] = _capture_rng(generators)
+    _write_tensor_file(tmp_dir / RNG_FILE, rng_tensors)
+    state["extra"] = extra
+    state["files"] = {
+        p.name: {"size": p.stat().st_size, "sha256": _sha256_of(p)} for p in sorted(tmp_dir.iterdir())
+    }
+    state["state_sha256"] = _state_digest(state)
+    _write_json_file(tmp_dir / STATE_FILE, state)
+    _fsync_dir(tmp_dir)
+
+
 def save_checkpoint(
     run_dir: str | os.PathLike,
     step: int,
@@ -481,29 +517,13 @@ def save_checkpoint(
     tmp_dir = root / f"{TMP_PREFIX}{final_dir.name}"
     tmp_dir.mkdir()
 
-    state: dict[str, Any] = {"format_version": FORMAT_VERSION, "step": step}
-    _write_tensor_file(tmp_dir / MODEL_FILE, model.state_dict())
-    if ema is not None:
-        _write_tensor_file(tmp_dir / EMA_FILE, _module_or_dict_state(ema, "ema"))
-    if optimizer is not None:
-        opt_tensors: dict[str, torch.Tensor] = {}
-        state["optimizer"] = _encode(optimizer.state_dict(), "", opt_tensors)
-        _write_tensor_file(tmp_dir / OPTIMIZER_FILE, opt_tensors)
-    if scheduler is not None:
-        sched_tensors: dict[str, torch.Tensor] = {}
-        state["scheduler"] = _encode(scheduler.state_dict(), "", sched_tensors)
-        if sched_tensors:
-            _write_tensor_file(tmp_dir / SCHEDULER_FILE, sched_tensors)
-    rng_tensors, state["rng"] = _capture_rng(generators)
-    _write_tensor_file(tmp_dir / RNG_FILE, rng_tensors)
-    state["extra"] = extra_json
-    state["files"] = {
-        p.name: {"size": p.stat().st_size, "sha256": _sha256_of(p)} for p in sorted(tmp_dir.iterdir())
-    }
-    state["state_sha256"] = _state_digest(state)
-    _write_json_file(tmp_dir / STATE_FILE, state)
-    _fsync_dir(tmp_dir)
-
+    try:
+        _write_checkpoint_files(tmp_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                                ema=ema, generators=generators, extra=extra_json)
+    except BaseException:
+        # An error (not a kill) should not leave a partial directory until the next save.
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     _publish(tmp_dir, final_dir)
     _prune(root, final_dir, keep_last)
     return final_dir

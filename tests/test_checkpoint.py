@@ -236,7 +236,11 @@ def test_mismatched_model_lists_keys(tmp_path):
 def test_extra_must_be_json(tmp_path):
     with pytest.raises(CheckpointError, match="JSON"):
         save_checkpoint(tmp_path, 1, model=nn.Linear(2, 2), extra={"bad": object()})
+    with pytest.raises(TypeError, match="'noise'"):
+        save_checkpoint(tmp_path, 1, model=nn.Linear(2, 2), generators={"noise": 3})
+    # A failed save leaves nothing behind, not even a temporary directory.
     assert list_checkpoints(tmp_path) == []
+    assert list((tmp_path / "checkpoints").iterdir()) == []
 
 
 # --------------------------------------------------------------------------- kill safety

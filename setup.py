@@ -22,6 +22,7 @@ setup(
         "pillow>=9",
         "matplotlib>=3.7",
         "tensorboard>=2.14",
+        "accelerate>=0.30",  # diffusers loads large checkpoints lazily with it
     ],
     extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
     entry_points={"console_scripts": ["dancegrpo=dancegrpo.cli:main"]},

@@ -292,7 +292,8 @@ def kl_penalty(mean_new: Tensor, mean_ref: Tensor, std: Tensor | float) -> Tenso
     Args:
         mean_new: (B, ...) step means under the current policy.
         mean_ref: (B, ...) step means under the reference policy.
-        std: scalar (float or 0-d tensor) or (B,) step std, must be > 0.
+        std: scalar (float or 0-d tensor), (B,), or (B, 1, ..., 1) as the step functions
+            return it; must be > 0.
 
     Returns:
         (B,) KL per sample.
@@ -307,10 +308,10 @@ def kl_penalty(mean_new: Tensor, mean_ref: Tensor, std: Tensor | float) -> Tenso
     batch = mean_new.shape[0]
     if isinstance(std, Tensor):
         std_t = std.to(device=mean_new.device, dtype=dtype)
-        if std_t.dim() == 1 and std_t.shape[0] == batch:
-            std_t = std_t.view(batch, *([1] * (mean_new.dim() - 1)))
+        if std_t.dim() >= 1 and std_t.shape[0] == batch and std_t.numel() == batch:
+            std_t = std_t.reshape(batch, *([1] * (mean_new.dim() - 1)))
         elif std_t.dim() != 0:
-            raise ValueError(f"std must be a scalar or shape ({batch},), got {tuple(std.shape)}")
+            raise ValueError(f"std must be a scalar, ({batch},) or ({batch}, 1, ...), got {tuple(std.shape)}")
     else:
         if not std > 0:
             raise ValueError(f"std must be > 0, got {std} (the KL is undefined for eta = 0)")

@@ -52,7 +52,7 @@ def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Ten
                     out = adapter.predict(x, sampler.model_time(step), chunk_cond)
                     mean, std = sampler.mean_std(out, x, step)
                     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                    x, log_probs[rows, i] = sde.sde_step_with_log_prob(mean, std, noise=noise, reduce=reduce)
+                    x, log_probs[rows, i] = sde.sde_step_with_log_prob(mean, std, noise=noise, reduce=reduce, dtype=x.dtype)
                     latents[rows, i + 1] = x
             if progress is not None:
                 progress.update(1)

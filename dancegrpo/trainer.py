@@ -371,7 +371,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, self.run_dir / "config.yaml")
         resumed = self.resume() if resume else False
-        logger = MetricsLogger(self.run_dir, resume=resumed)
+        logger = MetricsLogger(self.run_dir, resume=resumed, console=False)
         if resumed:
             logger.truncate_after(self.iteration)
         handlers = self._install_stop_handlers()

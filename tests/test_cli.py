@@ -1,0 +1,99 @@
+"""The command line as a user runs it: errors, overrides, and a killed run resumed."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from dancegrpo.checkpoint import latest_checkpoint
+from dancegrpo.cli import main
+from dancegrpo.metrics import read_metrics
+
+TESTS_DIR = Path(__file__).parent
+
+
+def _write(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _cli(args: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{TESTS_DIR}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "dancegrpo.cli", *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_bad_value_exits_2_naming_the_field(tiny_config, tmp_path, capsys):
+    path = _write(tiny_config, tmp_path / "cfg.yaml")
+    assert main(["train", "--config", str(path), "--set", "grpo.group_size=1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "grpo.group_size" in err and ">= 2" in err
+
+
+def test_set_overrides_reach_the_run(tiny_config, tmp_path):
+    tiny_config["data"]["eval_prompts"] = ""
+    path = _write(tiny_config, tmp_path / "cfg.yaml")
+    out = tmp_path / "override_run"
+    assert main(["train", "--config", str(path), "--set", "trainer.iterations=1", "--set", "trainer.lr=2.5e-4",
+                 "--output-dir", str(out), "--no-progress"]) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["trainer"]["lr"] == 2.5e-4 and saved["trainer"]["iterations"] == 1
+    assert [row["step"] for row in read_metrics(out)] == [1]
+
+
+def _final_weights(run: Path) -> dict:
+    return load_file(str(latest_checkpoint(run) / "model.safetensors"))
+
+
+def test_killed_run_resumes_to_the_same_result(tiny_config, tmp_path):
+    tiny_config["trainer"].update(iterations=6, checkpoint_every=1, keep_last=2)
+    tiny_config["data"]["eval_prompts"] = ""
+    straight_cfg = _write({**tiny_config, "run": {**tiny_config["run"], "output_dir": str(tmp_path / "a")}},
+                          tmp_path / "a.yaml")
+    killed_cfg = _write({**tiny_config, "run": {**tiny_config["run"], "output_dir": str(tmp_path / "b")}},
+                        tmp_path / "b.yaml")
+    straight = _cli(["train", "--config", str(straight_cfg), "--no-progress"])
+
+    victim = _cli(["train", "--config", str(killed_cfg), "--no-progress"])
+    deadline = time.time() + 120
+    while not (tmp_path / "b" / "checkpoints" / "step_00000002").exists():
+        assert victim.poll() is None and time.time() < deadline, victim.communicate()[0]
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert latest_checkpoint(tmp_path / "b") is not None
+
+    resumed = _cli(["train", "--config", str(killed_cfg), "--resume", "--no-progress"])
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert straight.wait(timeout=300) == 0, straight.communicate()[0]
+
+    a, b = _final_weights(tmp_path / "a"), _final_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    key = "reward/rewards_for_tests:mean_brightness_mean"
+    rows_a, rows_b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["step"] for r in rows_b] == list(range(1, 7))
+    assert [r[key] for r in rows_a] == [r[key] for r in rows_b]
+
+
+def test_sigterm_finishes_the_iteration_and_saves(tiny_config, tmp_path):
+    tiny_config["trainer"].update(iterations=200, checkpoint_every=1000)
+    tiny_config["data"]["eval_prompts"] = ""
+    path = _write(tiny_config, tmp_path / "cfg.yaml")
+    proc = _cli(["train", "--config", str(path), "--no-progress"])
+    metrics = Path(tiny_config["run"]["output_dir"]) / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    saved = latest_checkpoint(tiny_config["run"]["output_dir"])
+    assert saved is not None and int(saved.name.split("_")[1]) == len(read_metrics(tiny_config["run"]["output_dir"]))

@@ -13,8 +13,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import re
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -174,7 +176,11 @@ class Trainer:
         self.policy.train()
         update_stats = self._update(rollout, advantages, scores.valid, cond, self._generator("plan", it))
         timings["time/update"] = time.perf_counter() - start
-        self.scheduler.step()
+        with warnings.catch_warnings():
+            # The schedule is per iteration, also for one whose updates were all dropped;
+            # torch's "scheduler before optimizer" warning does not apply.
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
+            self.scheduler.step()
         self.iteration += 1
 
         metrics = {"iteration": self.iteration}

@@ -112,7 +112,7 @@ class SamplerConfig:
 @dataclass
 class DataConfig:
     train_prompts: str = ""          # prompt file (one a line) or builtin ("toy:train"); required
-    eval_prompts: str = ""           # same; "" disables held-out evaluation
+    eval_prompts: str | None = ""    # same; "" or null disables held-out evaluation
     eval_num_prompts: int | None = None  # None = all eval prompts
 
     def validate(self) -> list[str]:

@@ -395,7 +395,7 @@ class Trainer:
                 self.metrics.append(metrics)
                 logger.log(self.iteration, metrics)
                 if self.iteration % cfg.trainer.log_every == 0:
-                    tqdm.write(logger.console_line(self.iteration, metrics))
+                    tqdm.write(logger.console_line(self.iteration, metrics, self._console_keys(metrics)))
                 bar.update(1)
                 if (self.iteration % cfg.trainer.checkpoint_every == 0 or self.iteration == total
                         or self._stop_requested):
@@ -412,6 +412,16 @@ class Trainer:
             self._restore_stop_handlers(handlers)
             logger.close()
         return self.metrics
+
+    def _console_keys(self, metrics: dict) -> list[str]:
+        """Rewards, loss and ratio health always; faults, skips and eval only when present."""
+        keys = [k.removesuffix("_mean") for k in metrics if k.startswith("reward/") and k.endswith("_mean")]
+        keys += ["loss", "grad_norm", "ratio", "clip_fraction"]
+        keys += ["kl"] if self.reference is not None else []
+        keys += [k for k in metrics if k.startswith("eval/")]
+        keys += [k for k in metrics if (k.endswith("_faults") or k in ("skipped_updates", "first_update_logp_max_dev"))
+                 and metrics[k]]
+        return keys + ["time"]
 
     def _install_stop_handlers(self) -> dict:
         """First SIGINT/SIGTERM: finish the running iteration, checkpoint, stop. Second: stop now.

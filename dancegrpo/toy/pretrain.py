@@ -38,6 +38,7 @@ class PretrainConfig:
     num_threads: int = 2
     output_dir: str = str(EMBEDDED_CHECKPOINT)
     transformer: dict = field(default_factory=dict)  # overrides of DEFAULT_TRANSFORMER_CONFIG
+    text_encoder: dict = field(default_factory=dict)  # overrides of DEFAULT_TEXT_CONFIG
 
 
 def flow_matching_loss(model, images: torch.Tensor, prompts: list[str], generator: torch.Generator,
@@ -51,10 +52,10 @@ def flow_matching_loss(model, images: torch.Tensor, prompts: list[str], generato
     return (velocity - (noise - x0)).square().mean()
 
 
-def pretrain(cfg: PretrainConfig) -> Path:
+def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     torch.set_num_threads(cfg.num_threads)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = build_toy_flux(seed=cfg.seed, transformer_overrides=cfg.transformer)
+    model = build_toy_flux(seed=cfg.seed, transformer_overrides=cfg.transformer, text_overrides=cfg.text_encoder)
     model.text_encoder.requires_grad_(True).train()
     params = list(model.transformer.parameters()) + list(model.text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -65,8 +66,8 @@ def pretrain(cfg: PretrainConfig) -> Path:
     picks = torch.randint(len(prompts), (cfg.dataset_size,), generator=generator)
     data_prompts = [prompts[i] for i in picks]
     data_images = torch.cat([scenes.render_batch(data_prompts[i: i + 512], generator)
-                             for i in tqdm(range(0, cfg.dataset_size, 512), desc="render scenes")])
-    bar = tqdm(range(cfg.steps), desc="pretrain toy_flux", dynamic_ncols=True)
+                             for i in tqdm(range(0, cfg.dataset_size, 512), desc="render scenes", disable=not progress)])
+    bar = tqdm(range(cfg.steps), desc="pretrain toy_flux", dynamic_ncols=True, disable=not progress)
     for step in bar:
         rows = torch.randint(cfg.dataset_size, (cfg.batch_size,), generator=generator)
         batch_prompts = [data_prompts[i] for i in rows]

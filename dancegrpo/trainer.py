@@ -401,6 +401,9 @@ class Trainer:
                         or self._stop_requested):
                     self.save()
             bar.close()
+            if self.iteration >= total:
+                with self._ema_weights():
+                    self.adapter.save_pretrained(self.run_dir / "final_model")
             if self.iteration >= total and self.eval_prompts:
                 final = self.evaluate(return_images=True)
                 save_eval_images(self.run_dir, "final", final.pop("images"))

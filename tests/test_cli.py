@@ -97,3 +97,18 @@ def test_sigterm_finishes_the_iteration_and_saves(tiny_config, tmp_path):
     assert proc.returncode == 0, out
     saved = latest_checkpoint(tiny_config["run"]["output_dir"])
     assert saved is not None and int(saved.name.split("_")[1]) == len(read_metrics(tiny_config["run"]["output_dir"]))
+
+
+def test_sample_writes_pngs_from_the_exported_model(tiny_config, tmp_path):
+    from PIL import Image
+    tiny_config["trainer"]["iterations"] = 1
+    tiny_config["data"]["eval_prompts"] = ""
+    path = _write(tiny_config, tmp_path / "cfg.yaml")
+    assert main(["train", "--config", str(path), "--no-progress"]) == 0
+    final_model = Path(tiny_config["run"]["output_dir"]) / "final_model"
+    assert (final_model / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    out = tmp_path / "samples"
+    assert main(["sample", "--config", str(path), "--set", f"model.path={final_model}", "--prompt", "a red circle",
+                 "--prompt", "two blue squares", "--out", str(out), "--upscale", "2"]) == 0
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 2 and Image.open(files[0]).size == (64, 64)

@@ -29,3 +29,15 @@ def test_weights_change_with_training(tmp_path):
     wa = load_file(str(short / "transformer" / "diffusion_pytorch_model.safetensors"))
     wb = load_file(str(longer / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_second_stage_from_first_with_decay_and_ema_is_deterministic(tmp_path):
+    first = _run(tmp_path / "first")
+    outs = []
+    for name in ("a", "b"):
+        cfg = PretrainConfig(steps=3, dataset_size=16, batch_size=4, warmup_steps=1, num_threads=1, seed=1,
+                             init_from=str(first), decay_steps=3, ema_decay=0.5, output_dir=str(tmp_path / name))
+        outs.append(load_file(str(pretrain(cfg, progress=False) / "transformer" / "diffusion_pytorch_model.safetensors")))
+    start = load_file(str(first / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(outs[0][k], outs[1][k]) for k in start)
+    assert any(not torch.equal(outs[0][k], start[k]) for k in start)

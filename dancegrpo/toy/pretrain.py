@@ -11,15 +11,17 @@ has something to learn.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
 import yaml
 from tqdm import tqdm
 
-from ..models.toy_flux import EMBEDDED_CHECKPOINT, build_toy_flux, pixels_to_latents
+from ..models.toy_flux import EMBEDDED_CHECKPOINT, ToyFluxGenerator, build_toy_flux, pixels_to_latents
 from ..sde import time_shift
 from . import scenes
 
@@ -37,8 +39,21 @@ class PretrainConfig:
     snapshot_every: int = 0  # also save <output_dir>/snapshots/step_N every N steps (0 = never)
     num_threads: int = 2
     output_dir: str = str(EMBEDDED_CHECKPOINT)
+    init_from: str | None = None  # start from this checkpoint's weights (a second stage)
+    decay_steps: int = 0  # cosine-decay the LR to 0 over the last N steps (0 = constant after warmup)
+    ema_decay: float | None = None  # save an exponential moving average of the weights instead of the last ones
     transformer: dict = field(default_factory=dict)  # overrides of DEFAULT_TRANSFORMER_CONFIG
     text_encoder: dict = field(default_factory=dict)  # overrides of DEFAULT_TEXT_CONFIG
+
+
+def lr_factor(cfg: "PretrainConfig", step: int) -> float:
+    """Warmup, then constant (so a snapshot at step k equals a k-step run), then an optional
+    cosine decay over the last `decay_steps` steps, which sharpens samples a lot."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+    decay_start = cfg.steps - cfg.decay_steps
+    if cfg.decay_steps and step >= decay_start:
+        return warm * 0.5 * (1 + math.cos(math.pi * (step - decay_start) / cfg.decay_steps))
+    return warm
 
 
 def flow_matching_loss(model, images: torch.Tensor, prompts: list[str], generator: torch.Generator,
@@ -55,12 +70,15 @@ def flow_matching_loss(model, images: torch.Tensor, prompts: list[str], generato
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     torch.set_num_threads(cfg.num_threads)
     generator = torch.Generator().manual_seed(cfg.seed)
-    model = build_toy_flux(seed=cfg.seed, transformer_overrides=cfg.transformer, text_overrides=cfg.text_encoder)
+    if cfg.init_from:
+        model = ToyFluxGenerator.from_pretrained(cfg.init_from)
+    else:
+        model = build_toy_flux(seed=cfg.seed, transformer_overrides=cfg.transformer, text_overrides=cfg.text_encoder)
     model.text_encoder.requires_grad_(True).train()
     params = list(model.transformer.parameters()) + list(model.text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # Constant after warmup, so a snapshot at step k is exactly what a k-step run produces.
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / cfg.warmup_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
+    ema = [p.detach().clone() for p in params] if cfg.ema_decay else None
     prompts = scenes.all_prompts()
     start = time.time()
     picks = torch.randint(len(prompts), (cfg.dataset_size,), generator=generator)
@@ -78,11 +96,19 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
+        if ema is not None:
+            with torch.no_grad():
+                for average, p in zip(ema, params):
+                    average.lerp_(p, 1 - cfg.ema_decay)
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
             _save(model, Path(cfg.output_dir) / "snapshots" / f"step_{step + 1}", cfg)
     out = Path(cfg.output_dir)
+    if ema is not None:
+        with torch.no_grad():
+            for average, p in zip(ema, params):
+                p.copy_(average)
     _save(model, out, cfg)
     print(f"saved {out} after {cfg.steps} steps in {time.time() - start:.0f}s (final loss {loss.item():.4f})")
     return out

@@ -350,3 +350,20 @@ def test_print_check_speed(ground_truth):
     scenes.check(images[:64], prompts[:64])
     print(f"\ncheck() on a batch of 64 at 32x32: {time.perf_counter() - start:.4f} s "
           f"({torch.get_num_threads()} threads)")
+
+
+def test_soft_reward_is_graded_and_agrees_with_the_strict_check():
+    prompts = [p for p in scenes.all_prompts() if scenes.parse_prompt(p).kind != "count"][::7]
+    images = scenes.render_batch(prompts, torch.Generator().manual_seed(3))
+    hard, soft = scenes.ToyGenEvalReward(), scenes.ToyGenEvalReward(soft_shapes=True)
+    torch.testing.assert_close(soft(images, prompts), hard(images, prompts))  # ground truth: both 1
+    # Ask for the wrong shape: strict credit for that object is 0, soft credit is partial but
+    # below a match, and never below the strict score.
+    swap = {"circle": "square", "square": "triangle", "triangle": "circle"}
+    wrong = [" ".join(swap.get(w, w) for w in p.split()) for p in prompts]
+    s, h = soft(images, wrong), hard(images, wrong)
+    assert (s >= h - 1e-6).all() and (s < 1).all() and (s > h).float().mean() > 0.5
+    # A circle is more circle-like than square-like.
+    dets = scenes.detect_objects(scenes.render_batch(["a red circle"], torch.Generator().manual_seed(0)))[0]
+    circle, square, _ = dets[0].similarity
+    assert circle > square

@@ -348,6 +348,11 @@ MAX_SYMMETRIC_SKEW = 0.15
 TRIANGLE_MAX_SKEW = -0.25
 POSITION_THRESHOLDS = (0.45, 0.55)  # "left": cx < 0.45, "right": cx > 0.55; same for top / bottom
 RELATION_MARGIN = 0.05  # "a left of b": cx_a < cx_b - margin and |dx| > |dy|
+# Graded shape likeness for the soft reward: a Gaussian bump around each shape's prototype
+# (profile fill, vertical skew), so a blob that is "more circle-like" scores higher even
+# before it crosses the hard classification threshold.
+SHAPE_PROTOTYPES = {"circle": (4 / 3.14159, 0.0), "square": (1.0, 0.0), "triangle": (1.6, -0.5)}
+SHAPE_SIMILARITY_SCALE = (0.12, 0.2)
 
 _PALETTE = torch.tensor(list(COLOURS.values()))
 _COLOUR_NAMES = tuple(COLOURS)
@@ -368,6 +373,7 @@ class Detection:
     cx: float
     cy: float
     area: int
+    similarity: tuple[float, ...] = ()  # graded likeness to each of SHAPES, in [0, 1] (0 if implausible)
 
 
 @dataclass(frozen=True)
@@ -486,6 +492,19 @@ def _classify_shapes(f: ComponentFeatures, image_area: int) -> list[str | None]:
             for s, c, t in zip(square.tolist(), circle.tolist(), triangle.tolist())]
 
 
+def _shape_similarity(f: ComponentFeatures, image_area: int) -> Tensor:
+    """(K, len(SHAPES)) graded likeness of each component to each shape's prototype."""
+    plausible = ((f.area >= MIN_SHAPE_AREA_FRACTION * image_area) & (f.aspect >= MIN_ASPECT)
+                 & (f.aspect <= 1 / MIN_ASPECT) & (f.extent <= MAX_EXTENT_FRACTION))
+    fill_scale, skew_scale = SHAPE_SIMILARITY_SCALE
+    columns = []
+    for shape in SHAPES:
+        fill0, skew0 = SHAPE_PROTOTYPES[shape]
+        z = ((f.profile_fill - fill0) / fill_scale).square() + ((f.skew_y - skew0) / skew_scale).square()
+        columns.append(torch.exp(-0.5 * z))
+    return torch.stack(columns, dim=1) * plausible.unsqueeze(1)
+
+
 def detect_objects(images: Tensor) -> list[list[Detection]]:
     """Find coloured shapes in a (B, 3, H, W) batch in [0, 1] (clamped; moved to CPU).
 
@@ -508,12 +527,14 @@ def _detect_chunk(images: Tensor) -> list[list[Detection]]:
     colour_map = classify_pixels(images)
     f = component_features(images, colour_map, label_components(colour_map))
     shapes = _classify_shapes(f, h * w)
+    similarity = _shape_similarity(f, h * w).tolist()
     keep = (f.area >= MIN_AREA_FRACTION * h * w).tolist()
     detections: list[list[Detection]] = [[] for _ in range(b)]
     for i, (owner, colour, cx, cy, area) in enumerate(zip(f.image.tolist(), f.colour.tolist(), f.cx.tolist(),
                                                           f.cy.tolist(), f.area.tolist())):
         if keep[i]:
-            detections[owner].append(Detection(_COLOUR_NAMES[colour], shapes[i], cx, cy, int(area)))
+            detections[owner].append(Detection(_COLOUR_NAMES[colour], shapes[i], cx, cy, int(area),
+                                               tuple(similarity[i])))
     return detections
 
 
@@ -549,6 +570,32 @@ def requirements(spec: SceneSpec, detections: list[Detection]) -> list[bool]:
     return met
 
 
+def soft_requirements(spec: SceneSpec, detections: list[Detection]) -> list[float]:
+    """Graded version of `requirements` for use as an RL reward (never for accuracy).
+
+    An object requirement is 1 for a hard match, else the best shape likeness among blobs of
+    the right colour; position and relation requirements use the best such blob and are
+    scaled by its likeness; counts stay exact. Equals `requirements` wherever that is met.
+    """
+    def likeness(d: Detection, shape: str) -> float:
+        return 1.0 if d.shape == shape else (d.similarity[SHAPES.index(shape)] if d.similarity else 0.0)
+
+    best = []
+    for colour, shape in spec.objects:
+        candidates = [d for d in detections if d.colour == colour]
+        best.append(max(candidates, key=lambda d: (likeness(d, shape), d.area)) if candidates else None)
+    met = [likeness(d, shape) if d else 0.0 for d, (_, shape) in zip(best, spec.objects)]
+    if spec.kind == "position":
+        met.append(met[0] * _position_holds(spec.position, best[0]) if best[0] else 0.0)
+    elif spec.kind == "count":
+        met.append(float(sum(d.colour == spec.objects[0][0] and d.shape == spec.objects[0][1]
+                             for d in detections) == spec.count))
+    elif spec.kind == "relation":
+        met.append(min(met) * _relation_holds(spec.relation, best[0], best[1]) if all(best) else 0.0)
+    hard = requirements(spec, detections)
+    return [1.0 if h else m for h, m in zip(hard, met)]
+
+
 def check(images: Tensor, prompts: list[str]) -> CheckResult:
     """Score a (B, 3, H, W) batch in [0, 1] against one prompt per image (GenEval-style).
 
@@ -566,13 +613,25 @@ def check(images: Tensor, prompts: list[str]) -> CheckResult:
 
 
 class ToyGenEvalReward:
-    """Rule-based reward for the toy world: fraction of prompt requirements met, in [0, 1]."""
+    """Rule-based reward for the toy world: fraction of prompt requirements met, in [0, 1].
+
+    With `soft_shapes=True` the reward gives graded credit for shape likeness (see
+    `soft_requirements`): a denser learning signal for RL on a generator that draws blobs.
+    `accuracy` is always the strict GenEval-style check.
+    """
 
     name = "toy_geneval"
 
+    def __init__(self, soft_shapes: bool = False):
+        self.soft_shapes = soft_shapes
+
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         """(B, 3, H, W) images (clamped to [0, 1]) and B prompts -> (B,) float32 on the images' device."""
-        return check(images, prompts).score.to(images.device)
+        result = check(images, prompts)
+        if not self.soft_shapes:
+            return result.score.to(images.device)
+        soft = [soft_requirements(parse_prompt(p), dets) for p, dets in zip(prompts, result.detections)]
+        return torch.tensor([sum(m) / len(m) for m in soft], dtype=torch.float32, device=images.device)
 
     def accuracy(self, images: Tensor, prompts: list[str]) -> Tensor:
         """(B,) bool on the images' device: every requirement met (GenEval accuracy)."""

@@ -142,7 +142,7 @@ def _fsync_dir(path: Path) -> None:
         return
     try:
         os.fsync(fd)
-    except OSError:
+    except OSError:  # some filesystems cannot fsync a directory; the rename is still atomic
         pass
     finally:
         os.close(fd)

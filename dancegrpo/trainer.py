@@ -226,23 +226,30 @@ class Trainer:
         return Rollout(latents, log_probs, chunks), advantages, scores, cond
 
     def _update(self, rollout: Rollout, advantages, valid, cond, plan_gen) -> dict:
+        """Optimizer updates over the planned micro-batches.
+
+        Statistics accumulate on the device and are read once at the end: no host sync per
+        micro-step (only one per update, for the non-finite gradient check).
+        """
         cfg, g = self.cfg, self.cfg.grpo
         plan = plan_updates(rollout.chunks, self.sampler.num_steps, g.tau, cfg.trainer.updates_per_iteration, plan_gen)
-        ratio_sum = ratio_count = clipped = 0.0
-        ratio_min, ratio_max = math.inf, -math.inf
-        loss_total = kl_total = 0.0
-        grad_norms, skipped = [], 0
-        first_update_dev = 0.0
+        valid_host = valid.cpu()  # counts below come from here, not from device tensors
+        zero = torch.zeros((), device=self.device)
+        stats = dict(ratio_sum=zero.clone(), clipped=zero.clone(), kl=zero.clone(), loss=zero.clone(),
+                     ratio_min=torch.full((), math.inf, device=self.device),
+                     ratio_max=torch.full((), -math.inf, device=self.device), first_dev=zero.clone())
+        count, grad_norms, skipped = 0, [], 0
         for u, micro_batches in enumerate(plan.updates):
-            denom = sum(int(valid[rows].sum()) for rows, _ in micro_batches)
+            denom = sum(int(valid_host[rows.cpu()].sum()) for rows, _ in micro_batches)
             if denom == 0:
                 continue
             self.optimizer.zero_grad(set_to_none=True)
-            update_loss = 0.0
+            update_loss = zero.clone()
             for rows, step in micro_batches:
-                mask = valid[rows]
-                if not mask.any():
+                n = int(valid_host[rows.cpu()].sum())
+                if n == 0:
                     continue
+                mask = valid[rows]
                 with nvtx_range("train_step"), self._autocast():
                     logp, mean, std = step_log_prob(self.adapter, self.sampler, rollout.latents, rows, step,
                                                     index_cond(cond, rows), g.logprob_reduce)
@@ -251,25 +258,19 @@ class Trainer:
                                                   g.clip_range, g.adv_clip_max)
                     loss = out.loss
                     if self.reference is not None:
-                        with torch.no_grad(), self.reference.active():
-                            ref_out = self.adapter.predict(rollout.latents[rows, step],
-                                                           self.sampler.model_time(torch.full_like(rows, step)),
-                                                           index_cond(cond, rows))
-                            ref_mean, _ = self.sampler.mean_std(ref_out, rollout.latents[rows, step],
-                                                                torch.full_like(rows, step))
-                        kl = grpo.kl_penalty(mean, ref_mean, std)[mask].mean()
+                        kl = self._kl_to_reference(rollout, rows, step, cond, mean, std)[mask].mean()
                         loss = loss + g.kl_coef * kl
-                        kl_total += kl.item() * int(mask.sum())
-                (loss * (int(mask.sum()) / denom)).backward()
+                        stats["kl"] += kl.detach() * n
+                (loss * (n / denom)).backward()
                 if u == 0:
-                    first_update_dev = max(first_update_dev, (logp.detach() - old).abs().max().item())
-                n = int(mask.sum())
-                update_loss += loss.item() * n / denom
+                    stats["first_dev"] = torch.maximum(stats["first_dev"], (logp.detach() - old).abs().max())
+                update_loss += loss.detach() * (n / denom)
                 ratio = out.ratio.detach().float()
-                ratio_sum += ratio.sum().item()
-                ratio_count += n
-                ratio_min, ratio_max = min(ratio_min, ratio.min().item()), max(ratio_max, ratio.max().item())
-                clipped += out.clip_fraction.item() * n
+                stats["ratio_sum"] += ratio.sum()
+                stats["ratio_min"] = torch.minimum(stats["ratio_min"], ratio.min())
+                stats["ratio_max"] = torch.maximum(stats["ratio_max"], ratio.max())
+                stats["clipped"] += out.clip_fraction.detach() * n
+                count += n
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.trainer.grad_clip or math.inf)
             if not torch.isfinite(grad_norm):
                 # One bad batch must not poison the weights of a long run: drop the update, count it.
@@ -279,24 +280,36 @@ class Trainer:
                 continue
             self.optimizer.step()
             self._update_ema()
-            grad_norms.append(grad_norm.item())
-            loss_total += update_loss
-        if first_update_dev > 0:
+            grad_norms.append(grad_norm.detach())
+            stats["loss"] += update_loss
+        host = {k: v.item() for k, v in stats.items()}
+        if host["first_dev"] > 0:
             log.warning("iteration %d: first-update log-prob deviation %.3g (expected exactly 0): old and new "
-                        "log-probs did not come from the same computation", self.iteration, first_update_dev)
+                        "log-probs did not come from the same computation", self.iteration, host["first_dev"])
         n_updates = max(1, len(grad_norms))
         return {
-            "loss": loss_total / n_updates,
-            "grad_norm": sum(grad_norms) / n_updates,
-            "ratio_mean": ratio_sum / max(1, ratio_count),
-            "ratio_min": ratio_min if ratio_count else float("nan"),
-            "ratio_max": ratio_max if ratio_count else float("nan"),
-            "clip_fraction": clipped / max(1, ratio_count),
-            "kl": kl_total / max(1, ratio_count),
-            "first_update_logp_max_dev": first_update_dev,
+            "loss": host["loss"] / n_updates,
+            "grad_norm": torch.stack(grad_norms).mean().item() if grad_norms else 0.0,
+            "ratio_mean": host["ratio_sum"] / max(1, count),
+            "ratio_min": host["ratio_min"] if count else float("nan"),
+            "ratio_max": host["ratio_max"] if count else float("nan"),
+            "clip_fraction": host["clipped"] / max(1, count),
+            "kl": host["kl"] / max(1, count),
+            "first_update_logp_max_dev": host["first_dev"],
             "updates": len(grad_norms),
             "skipped_updates": skipped,
         }
+
+    @torch.no_grad()
+    def _kl_to_reference(self, rollout: Rollout, rows, step: int, cond, mean, std) -> torch.Tensor:
+        """Per-sample KL between this step's Gaussian under the policy and the frozen initial one."""
+        x = rollout.latents[rows, step]
+        steps = torch.full_like(rows, step)
+        with self.reference.active():
+            ref_out = self.adapter.predict(x, self.sampler.model_time(steps), index_cond(cond, rows))
+        ref_mean, _ = self.sampler.mean_std(ref_out, x, steps)
+        with torch.enable_grad():
+            return grpo.kl_penalty(mean, ref_mean, std)
 
     @torch.no_grad()
     def _update_ema(self) -> None:

@@ -78,15 +78,17 @@ def _check_valid_mask(valid: Tensor | None, rewards: Tensor) -> Tensor:
     return valid.to(rewards.device)
 
 
-def _check_finite_where_valid(rewards: Tensor, valid: Tensor, name: str) -> None:
-    bad = valid & ~torch.isfinite(rewards)
+_UNMASKED_HINT = ("that are not marked invalid; pass valid=<bool mask> with False at those "
+                  "samples to exclude them")
+
+
+def _check_finite_where_valid(rewards: Tensor, valid: Tensor | None, name: str, hint: str = _UNMASKED_HINT) -> None:
+    """Raise naming the indices of non-finite rewards among the valid (default: all) samples."""
+    bad = ~torch.isfinite(rewards) if valid is None else valid & ~torch.isfinite(rewards)
     if bool(bad.any()):
         idx = bad.nonzero().flatten()
-        raise ValueError(
-            f"{name} has {idx.numel()} non-finite value(s) (NaN/inf) at indices "
-            f"{_format_indices(idx)} that are not marked invalid; pass valid=<bool mask> "
-            f"with False at those samples to exclude them"
-        )
+        raise ValueError(f"{name} has {idx.numel()} non-finite value(s) (NaN/inf) at indices "
+                         f"{_format_indices(idx)} {hint}")
 
 
 def _generated_on(generator: torch.Generator | None, device) -> torch.device:
@@ -406,14 +408,8 @@ def best_of_n_indices(rewards: Tensor, group_size: int, keep: int) -> Tensor:
             f"2 * keep = {2 * keep} exceeds group_size {group_size}: the top and bottom "
             f"{keep} would overlap; use keep <= {group_size // 2}"
         )
-    bad = ~torch.isfinite(rewards)
-    if bool(bad.any()):
-        idx = bad.nonzero().flatten()
-        raise ValueError(
-            f"rewards has {idx.numel()} non-finite value(s) (NaN/inf) at indices "
-            f"{_format_indices(idx)}; best-of-N cannot rank them: drop or re-sample those "
-            f"groups first"
-        )
+    _check_finite_where_valid(rewards, None, "rewards",
+                              hint="(best-of-N cannot rank them: drop or re-sample those groups first)")
 
     r = rewards.detach().to(_stat_dtype(rewards.dtype)).view(num_groups, group_size)
     order = torch.sort(r, dim=1, descending=True, stable=True).indices

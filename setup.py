@@ -23,7 +23,13 @@ setup(
         "matplotlib>=3.7",
         "tensorboard>=2.14",
         "accelerate>=0.30",  # diffusers loads large checkpoints lazily with it
+        "transformers>=4.45",  # text encoders of the real generators, PickScore, VideoAlign
+        "peft>=0.12",  # LoRA fine-tuning
+        "nvtx>=0.2",  # named ranges for Nsight; no-ops without a profiler attached
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3"]},
+    extras_require={
+        # triton runs its kernels under the interpreter on a CPU (TRITON_INTERPRET=1) for tests
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "triton>=3.0", "pybind11>=2.12"],
+    },
     entry_points={"console_scripts": ["dancegrpo=dancegrpo.cli:main"]},
 )

@@ -96,10 +96,17 @@ class SamplerConfig:
     sde_form: str = "dancegrpo"      # dancegrpo | flow_grpo
     guidance_scale: float = 3.5      # embedded guidance (FLUX) or CFG scale (SD)
     eval_num_steps: int | None = None  # ODE steps for evaluation; None = num_steps
+    # [start, end): the only steps that inject noise (and are trained); the others are ODE
+    # steps. None = every step is stochastic. See FlowSampler.
+    sde_window: list[int] | None = None
 
     def validate(self) -> list[str]:
+        window = self.sde_window
+        window_ok = window is None or (len(window) == 2 and 0 <= window[0] < window[1] <= self.num_steps)
         return _problems(
             _rule("num_steps", self.num_steps, self.num_steps >= 1, ">= 1"),
+            _rule("sde_window", window, window_ok,
+                  f"null or [start, end) with 0 <= start < end <= num_steps ({self.num_steps})"),
             _rule("eta", self.eta, self.eta >= 0, ">= 0"),
             _rule("shift", self.shift, self.shift > 0, "> 0"),
             _one_of("sde_form", self.sde_form, ("dancegrpo", "flow_grpo")),

@@ -22,7 +22,7 @@ class Rollout:
     """Trajectories of N samples over T steps (N = groups * group_size, group-major)."""
 
     latents: torch.Tensor    # (N, T+1, *latent): x at each step, x[:, 0] the initial noise
-    log_probs: torch.Tensor  # (N, T): log-density of each taken step under the rollout policy
+    log_probs: torch.Tensor  # (N, T): log-density of each taken step under the rollout policy (NaN at ODE steps)
     chunks: list[torch.Tensor]  # sample indices of each chunk, in the order they ran
 
     @property
@@ -41,7 +41,9 @@ def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Ten
     num_samples, steps = initial_latents.shape[0], sampler.num_steps
     latents = initial_latents.new_empty((num_samples, steps + 1, *initial_latents.shape[1:]))
     latents[:, 0] = initial_latents
-    log_probs = torch.empty(num_samples, steps, device=initial_latents.device)
+    # NaN marks the ODE steps, which have no log-prob (and are never trained).
+    log_probs = torch.full((num_samples, steps), float("nan"), device=initial_latents.device)
+    stochastic = sampler.stochastic.tolist()
     chunks = chunk_indices(num_samples, chunk_size, initial_latents.device)
     with nvtx_range("rollout"):
         for rows in chunks:
@@ -51,8 +53,12 @@ def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Ten
                     step = torch.full((len(rows),), i, device=x.device, dtype=torch.long)
                     out = adapter.predict(x, sampler.model_time(step), chunk_cond)
                     mean, std = sampler.mean_std(out, x, step)
-                    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                    x, log_probs[rows, i] = sde.sde_step_with_log_prob(mean, std, noise=noise, reduce=reduce, dtype=x.dtype)
+                    if stochastic[i]:
+                        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+                        x, log_probs[rows, i] = sde.sde_step_with_log_prob(mean, std, noise=noise, reduce=reduce,
+                                                                           dtype=x.dtype)
+                    else:  # an ODE step outside the SDE window: no noise, no log-prob
+                        x = mean.to(x.dtype)
                     latents[rows, i + 1] = x
             if progress is not None:
                 progress.update(1)

@@ -3,6 +3,12 @@
 A sampler turns "sample b is at step i" into the model's time input and, given the
 model output, into the Gaussian of the next latent. Steps are LongTensors of shape (B,)
 so one batch may mix steps; the math itself lives in `sde`.
+
+An optional SDE window [start, end) restricts noise to those steps; the rest are
+deterministic ODE steps (eta 0), as in MixGRPO / Flow-GRPO-Fast. The final sample is then a
+function of the initial noise and the window's noise only, so the policy gradient needs
+only the window's steps: fewer trained steps, and less variance from steps that merely
+refine detail.
 """
 from __future__ import annotations
 
@@ -11,14 +17,37 @@ import torch
 from . import sde
 
 
-class FlowSampler:
+class _StepNoise:
+    """Which steps inject noise, and eta per step."""
+
+    def _init_noise(self, num_steps: int, eta: float, sde_window, device) -> None:
+        start, end = sde_window if sde_window is not None else (0, num_steps)
+        if not 0 <= start < end <= num_steps:
+            raise ValueError(f"sde_window {sde_window} must be [start, end) with 0 <= start < end <= {num_steps}")
+        self.eta = eta
+        self.stochastic = torch.zeros(num_steps, dtype=torch.bool, device=device)
+        if eta > 0:
+            self.stochastic[start:end] = True
+        #: the steps that have a log-prob, i.e. the ones GRPO can train on
+        self.stochastic_steps: list[int] = self.stochastic.nonzero().flatten().tolist()
+
+    def eta_at(self, step: torch.Tensor, eta: float | None = None) -> torch.Tensor:
+        eta = self.eta if eta is None else eta
+        return torch.where(self.stochastic[step], eta, 0.0)
+
+    def _to_noise(self, device) -> None:
+        self.stochastic = self.stochastic.to(device)
+
+
+class FlowSampler(_StepNoise):
     """Rectified flow on a time-shifted sigma schedule (FLUX, HunyuanVideo, SkyReels)."""
 
     prediction = "flow"
 
-    def __init__(self, num_steps: int, shift: float, eta: float, form: str = "dancegrpo", device=None):
+    def __init__(self, num_steps: int, shift: float, eta: float, form: str = "dancegrpo", device=None,
+                 sde_window=None):
         self.num_steps = num_steps
-        self.eta = eta
+        self._init_noise(num_steps, eta, sde_window, device)
         self.form = form
         self.sigmas = sde.flow_sigmas(num_steps, shift, device=device)
 
@@ -28,22 +57,23 @@ class FlowSampler:
     def mean_std(self, model_output, sample, step: torch.Tensor, eta: float | None = None):
         return sde.flow_step_mean_std(
             model_output, sample, self.sigmas[step], self.sigmas[step + 1],
-            self.eta if eta is None else eta, form=self.form, sigma_max=self.sigmas[1])
+            self.eta_at(step, eta), form=self.form, sigma_max=self.sigmas[1])
 
     def to(self, device) -> "FlowSampler":
         self.sigmas = self.sigmas.to(device)
+        self._to_noise(device)
         return self
 
 
-class DDIMSampler:
+class DDIMSampler(_StepNoise):
     """DDIM with eta for epsilon prediction (Stable Diffusion)."""
 
     prediction = "ddim"
 
     def __init__(self, num_steps: int, eta: float, alphas_cumprod: torch.Tensor | None = None,
-                 steps_offset: int = 1, device=None):
+                 steps_offset: int = 1, device=None, sde_window=None):
         self.num_steps = num_steps
-        self.eta = eta
+        self._init_noise(num_steps, eta, sde_window, device)
         alphas_cumprod = sde.ddim_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
         self.timesteps = sde.ddim_timesteps(num_steps, len(alphas_cumprod), steps_offset=steps_offset).to(device)
         abar_t, abar_prev = sde.ddim_schedule(num_steps, alphas_cumprod, self.timesteps)
@@ -54,18 +84,19 @@ class DDIMSampler:
 
     def mean_std(self, model_output, sample, step: torch.Tensor, eta: float | None = None):
         return sde.ddim_step_mean_std(model_output, sample, self.abar_t[step], self.abar_prev[step],
-                                      self.eta if eta is None else eta)
+                                      self.eta_at(step, eta))
 
     def to(self, device) -> "DDIMSampler":
         for name in ("timesteps", "abar_t", "abar_prev"):
             setattr(self, name, getattr(self, name).to(device))
+        self._to_noise(device)
         return self
 
 
 def build_sampler(prediction: str, num_steps: int, eta: float, shift: float = 1.0,
-                  form: str = "dancegrpo", device=None):
+                  form: str = "dancegrpo", device=None, sde_window=None):
     if prediction == "flow":
-        return FlowSampler(num_steps, shift, eta, form, device=device)
+        return FlowSampler(num_steps, shift, eta, form, device=device, sde_window=sde_window)
     if prediction == "ddim":
-        return DDIMSampler(num_steps, eta, device=device)
+        return DDIMSampler(num_steps, eta, device=device, sde_window=sde_window)
     raise ValueError(f"unknown model prediction type {prediction!r}: expected 'flow' or 'ddim'")

@@ -53,15 +53,18 @@ class UpdatePlan:
     updates: list[list[tuple[torch.Tensor, int]]]  # per update: (sample rows, step) micro-batches
 
 
-def plan_updates(chunks: list[torch.Tensor], num_steps: int, tau: float, num_updates: int,
+def plan_updates(chunks: list[torch.Tensor], trainable_steps: list[int], tau: float, num_updates: int,
                  generator: torch.Generator) -> UpdatePlan:
-    """Pick ceil(tau*T) steps per chunk, shuffle the (chunk, step) pairs, split into updates.
+    """Pick ceil(tau*K) of the K trainable (stochastic) steps per chunk, shuffle the
+    (chunk, step) pairs, split into updates.
 
     Steps are chosen per chunk (not per sample) because a micro-batch must be a rollout
     chunk at one step for its log-prob to be recomputed bit-identically.
     """
-    steps = grpo.subsample_timesteps(len(chunks), num_steps, tau, generator=generator)
-    pairs = [(chunks[c], int(s)) for c in range(len(chunks)) for s in steps[c]]
+    if not trainable_steps:
+        raise ValueError("no stochastic sampler steps to train on: set sampler.eta > 0")
+    picks = grpo.subsample_timesteps(len(chunks), len(trainable_steps), tau, generator=generator)
+    pairs = [(chunks[c], trainable_steps[int(k)]) for c in range(len(chunks)) for k in picks[c]]
     order = torch.randperm(len(pairs), generator=generator).tolist()
     pairs = [pairs[i] for i in order]
     num_updates = min(num_updates, len(pairs))
@@ -101,7 +104,8 @@ class Trainer:
         self.policy = self.adapter.trainable
         self.policy.requires_grad_(True).train()
         self.sampler = build_sampler(self.adapter.prediction, cfg.sampler.num_steps, cfg.sampler.eta,
-                                     cfg.sampler.shift, cfg.sampler.sde_form, device=self.device)
+                                     cfg.sampler.shift, cfg.sampler.sde_form, device=self.device,
+                                     sde_window=cfg.sampler.sde_window)
         self.eval_sampler = build_sampler(self.adapter.prediction, cfg.sampler.eval_num_steps or cfg.sampler.num_steps,
                                           0.0, cfg.sampler.shift, cfg.sampler.sde_form, device=self.device)
         self.rewards = self._build_rewards(rewards or {})
@@ -216,11 +220,11 @@ class Trainer:
         cond = index_cond(cond, keep)
         latents = rollout.latents[keep]
         chunks = chunk_indices(len(keep), self.cfg.trainer.micro_batch_size, self.device)
-        log_probs = torch.empty(len(keep), self.sampler.num_steps, device=self.device)
+        log_probs = torch.full((len(keep), self.sampler.num_steps), float("nan"), device=self.device)
         self.policy.eval()
         with torch.no_grad(), self._autocast():
             for rows in chunks:
-                for step in range(self.sampler.num_steps):
+                for step in self.sampler.stochastic_steps:
                     log_probs[rows, step], _, _ = step_log_prob(self.adapter, self.sampler, latents, rows, step,
                                                                 index_cond(cond, rows), self.cfg.grpo.logprob_reduce)
         return Rollout(latents, log_probs, chunks), advantages, scores, cond
@@ -232,7 +236,8 @@ class Trainer:
         micro-step (only one per update, for the non-finite gradient check).
         """
         cfg, g = self.cfg, self.cfg.grpo
-        plan = plan_updates(rollout.chunks, self.sampler.num_steps, g.tau, cfg.trainer.updates_per_iteration, plan_gen)
+        plan = plan_updates(rollout.chunks, self.sampler.stochastic_steps, g.tau, cfg.trainer.updates_per_iteration,
+                            plan_gen)
         valid_host = valid.cpu()  # counts below come from here, not from device tensors
         zero = torch.zeros((), device=self.device)
         stats = dict(ratio_sum=zero.clone(), clipped=zero.clone(), kl=zero.clone(), loss=zero.clone(),

@@ -39,12 +39,48 @@ def test_first_update_ratio_is_exactly_one_and_metrics_are_sane(tiny_config):
 
 def test_plan_updates_covers_ceil_tau_steps_per_chunk():
     chunks = list(torch.arange(10).split(3))
-    plan = plan_updates(chunks, num_steps=10, tau=0.6, num_updates=4, generator=torch.Generator().manual_seed(1))
+    plan = plan_updates(chunks, list(range(10)), tau=0.6, num_updates=4, generator=torch.Generator().manual_seed(1))
     pairs = [(tuple(rows.tolist()), step) for update in plan.updates for rows, step in update]
     assert len(plan.updates) == 4 and len(pairs) == 4 * 6 == len(set(pairs))
     for chunk in chunks:
         steps = [s for rows, s in pairs if rows == tuple(chunk.tolist())]
         assert len(steps) == 6 and all(0 <= s < 10 for s in steps)
+
+
+def test_plan_updates_only_picks_trainable_steps():
+    chunks = list(torch.arange(8).split(4))
+    plan = plan_updates(chunks, [2, 3, 4], tau=0.5, num_updates=1, generator=torch.Generator().manual_seed(0))
+    steps = [step for update in plan.updates for _, step in update]
+    assert len(steps) == 2 * 2 and set(steps) <= {2, 3, 4}
+    with pytest.raises(ValueError, match="eta > 0"):
+        plan_updates(chunks, [], tau=0.5, num_updates=1, generator=torch.Generator())
+
+
+def test_sde_window_rollout_is_ode_outside_and_trains_only_inside(tiny_config):
+    tiny_config["sampler"].update(num_steps=5, sde_window=[1, 3])
+    trainer = Trainer(tiny_config)
+    assert trainer.sampler.stochastic_steps == [1, 2]
+    cond = repeat_cond(trainer.adapter.encode_prompts(["a red circle", "a blue square"]), 2)
+    init = torch.randn(4, *trainer.adapter.latent_shape())
+    rollout = run_rollout(trainer.adapter, trainer.sampler, cond, init, chunk_size=4,
+                          generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for step in range(5):
+            steps = torch.full((4,), step)
+            out = trainer.adapter.predict(rollout.latents[:, step], trainer.sampler.model_time(steps), cond)
+            ode_mean, _ = trainer.sampler.mean_std(out, rollout.latents[:, step], steps, eta=0.0)
+            deterministic = torch.equal(rollout.latents[:, step + 1], ode_mean)
+            assert deterministic == (step not in (1, 2)), step
+            assert rollout.log_probs[:, step].isnan().all() == (step not in (1, 2))
+    metrics = trainer.step()
+    assert metrics["first_update_logp_max_dev"] == 0.0 and metrics["updates"] >= 1
+    assert math.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+
+
+def test_sde_window_outside_the_schedule_is_refused(tiny_config):
+    tiny_config["sampler"].update(num_steps=4, sde_window=[2, 6])
+    with pytest.raises(ConfigError, match="sde_window"):
+        Trainer(tiny_config)
 
 
 def test_resume_equals_uninterrupted_run(tiny_config, tmp_path):

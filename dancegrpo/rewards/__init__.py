@@ -25,8 +25,40 @@ def _toy_geneval(**options):
     return ToyGenEvalReward(**options)
 
 
-#: name -> factory(**options). Real reward models register here as they are added.
-REWARD_REGISTRY: dict[str, Callable[..., RewardFn]] = {"toy_geneval": _toy_geneval}
+def _hps(**options):
+    from .clip_rewards import hps_v21
+    return hps_v21(**options)
+
+
+def _clip_score(**options):
+    from .clip_rewards import clip_score
+    return clip_score(**options)
+
+
+def _pickscore(**options):
+    from .clip_rewards import pickscore
+    return pickscore(**options)
+
+
+def _binary(base: str):
+    """Factory for `<base>_binary`: option `threshold` (default: the paper's), the rest to `base`."""
+    def factory(threshold: float | None = None, **options):
+        from .binary import PAPER_THRESHOLDS, BinaryReward
+        return BinaryReward(REWARD_REGISTRY[base](**options),
+                            PAPER_THRESHOLDS[base] if threshold is None else threshold)
+    return factory
+
+
+#: name -> factory(**options). Options come from the config entry's `options:` mapping;
+#: each factory's docstring (dancegrpo.rewards.clip_rewards, ...) lists them.
+REWARD_REGISTRY: dict[str, Callable[..., RewardFn]] = {
+    "toy_geneval": _toy_geneval,
+    "hps": _hps,                      # HPS v2.1: checkpoint, tokenizer[, model_config, dtype, batch_size]
+    "clip_score": _clip_score,        # open_clip ViT-H-14 laion2B: path[, model_config, dtype, batch_size]
+    "pickscore": _pickscore,          # path, processor_path[, scale, dtype, batch_size]
+    "hps_binary": _binary("hps"),     # threshold (default 0.28) + the hps options
+    "clip_score_binary": _binary("clip_score"),  # threshold (default 0.39) + the clip_score options
+}
 
 
 def build_reward(name: str, options: dict | None = None) -> RewardFn:

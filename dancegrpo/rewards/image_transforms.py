@@ -48,13 +48,19 @@ def resize_shortest_side(images: Tensor, size: int) -> Tensor:
     return _resize(images, new_size)
 
 
-def center_crop(images: Tensor, height: int, width: int) -> Tensor:
-    """Crop the centre `height x width` (offsets rounded as torchvision's CenterCrop rounds them)."""
+def center_crop(images: Tensor, height: int, width: int, offsets: Literal["round", "floor"] = "round") -> Tensor:
+    """Crop the centre `height x width`.
+
+    Odd margins: torchvision's CenterCrop (open_clip) rounds the offset, `offsets="round"`;
+    transformers' image processors floor it, `offsets="floor"`. One pixel apart, so it matters.
+    """
     h, w = images.shape[-2:]
     if height > h or width > w:
         raise ValueError(f"cannot crop {height}x{width} from {h}x{w} images; resize them first")
-    top = int(round((h - height) / 2.0))
-    left = int(round((w - width) / 2.0))
+    if offsets == "round":
+        top, left = int(round((h - height) / 2.0)), int(round((w - width) / 2.0))
+    else:
+        top, left = (h - height) // 2, (w - width) // 2
     return images[..., top:top + height, left:left + width]
 
 
@@ -87,6 +93,7 @@ class ImageTransform:
 
     `mode="crop"`: shortest side to `resize_to`, centre crop `crop_size` (open_clip, CLIP
     processors). `mode="pad"`: longest side to `crop_size`, zero padding (HPS v2).
+    `crop_offsets`: see `center_crop` ("round" for open_clip, "floor" for transformers).
     """
 
     crop_size: tuple[int, int] = (224, 224)
@@ -94,6 +101,7 @@ class ImageTransform:
     mode: Literal["crop", "pad"] = "crop"
     mean: tuple[float, ...] = OPENAI_CLIP_MEAN
     std: tuple[float, ...] = OPENAI_CLIP_STD
+    crop_offsets: Literal["round", "floor"] = "round"
 
     def __call__(self, images: Tensor) -> Tensor:
         """(N, 3, H, W) pixels in [0, 1] -> (N, 3, crop_h, crop_w) normalised, float32."""
@@ -103,7 +111,7 @@ class ImageTransform:
                 raise ValueError(f"pad mode needs a square size, got {self.crop_size}")
             out = resize_longest_side_and_pad(images, self.crop_size[0])
         else:
-            out = center_crop(resize_shortest_side(images, self.resize_to), *self.crop_size)
+            out = center_crop(resize_shortest_side(images, self.resize_to), *self.crop_size, offsets=self.crop_offsets)
         return normalize(out, self.mean, self.std)
 
     @classmethod
@@ -129,7 +137,7 @@ class ImageTransform:
         crop_hw = (crop["height"], crop["width"]) if isinstance(crop, dict) else (crop, crop)
         return cls(crop_size=tuple(crop_hw), resize_to=int(resize_to), mode="crop",
                    mean=tuple(config.get("image_mean", OPENAI_CLIP_MEAN)),
-                   std=tuple(config.get("image_std", OPENAI_CLIP_STD)))
+                   std=tuple(config.get("image_std", OPENAI_CLIP_STD)), crop_offsets="floor")
 
 
 def frames_as_batch(images: Tensor) -> tuple[Tensor, int]:

@@ -1,0 +1,25 @@
+"""Thresholded (binary) form of any reward: 1 above the threshold, else 0, NaN kept.
+
+The same rule as a config entry's `threshold:` (RewardEntry.threshold, applied by RewardSet);
+this wrapper exists so the paper's binary rewards have names of their own (`hps_binary`,
+`clip_score_binary`) with the paper's thresholds as defaults.
+"""
+from __future__ import annotations
+
+from torch import Tensor
+
+from ..grpo import binary_reward
+
+#: Thresholds the DanceGRPO paper uses for its binary-reward experiments.
+PAPER_THRESHOLDS = {"hps": 0.28, "clip_score": 0.39}
+
+
+class BinaryReward:
+    """Wraps `reward`; scores are `binary_reward(reward(images, prompts), threshold)`."""
+
+    def __init__(self, reward, threshold: float):
+        self.reward = reward
+        self.threshold = float(threshold)
+
+    def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
+        return binary_reward(self.reward(images, prompts), self.threshold)

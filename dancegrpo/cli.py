@@ -2,6 +2,7 @@
 
     dancegrpo train --config configs/quickstart.yaml [--set trainer.lr=3e-5 ...] [--resume]
     dancegrpo sample --config configs/quickstart.yaml --checkpoint runs/quickstart --prompt "a red circle"
+    dancegrpo preprocess --model flux --path data/flux --prompts prompts.txt --out data/flux_cache
 """
 from __future__ import annotations
 
@@ -50,6 +51,23 @@ def _sample(args) -> int:
     return 0
 
 
+def _preprocess(args) -> int:
+    import yaml
+
+    from .preprocess import preprocess
+    options = {}
+    for item in args.option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--option {item!r}: expected KEY=VALUE, e.g. max_sequence_length=512")
+        options[key] = yaml.safe_load(value)
+    out = preprocess(args.model, args.path, args.prompts, args.out, batch_size=args.batch_size,
+                     shard_size=args.shard_size, dtype=args.dtype, device=args.device, options=options,
+                     progress=not args.no_progress)
+    print(f"prompt cache: {out} (set model.options.prompt_cache to it; {out / 'prompts.txt'} lists the prompts)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dancegrpo", description="DanceGRPO: RL fine-tuning of image/video generators")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +89,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples")
     sample.add_argument("--upscale", type=int, default=8, help="nearest-neighbour upscale of the tiny images")
     sample.set_defaults(func=_sample)
+
+    pre = sub.add_parser("preprocess", help="encode a prompt file with the model's text encoders into a prompt cache")
+    pre.add_argument("--model", required=True, help="sd14 | flux | hunyuan_video | skyreels_i2v")
+    pre.add_argument("--path", required=True, help="the model's diffusers checkpoint directory")
+    pre.add_argument("--prompts", required=True, help="text file (one prompt a line) or JSONL (prompt, image)")
+    pre.add_argument("--out", required=True, help="cache folder to write")
+    pre.add_argument("--batch-size", type=int, default=8, help="prompts per text-encoder call")
+    pre.add_argument("--shard-size", type=int, default=256, help="prompts per safetensors shard")
+    pre.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="stored dtype (default per model)")
+    pre.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    pre.add_argument("--option", action="append", metavar="KEY=VALUE",
+                     help="encoder option, e.g. max_sequence_length=512, height=400, width=640")
+    pre.add_argument("--no-progress", action="store_true")
+    pre.set_defaults(func=_preprocess)
     return parser
 
 

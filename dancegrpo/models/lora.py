@@ -1,0 +1,133 @@
+"""LoRA through peft: wrap a denoiser, expose only the LoRA weights to the trainer, save both ways.
+
+The trainer trains, checkpoints and EMA-averages `adapter.trainable.parameters()` and calls
+`requires_grad_(True)` on it. For LoRA that module must hold the LoRA weights alone (not the
+frozen base), so `LoraParameters` is a thin module that registers the very same Parameter
+objects as the peft model (no copies): optimizer steps, checkpoint loads and EMA swaps act on
+the live LoRA layers.
+
+On disk:
+- `<dir>/<denoiser>_lora/`: peft's own format (adapter_config.json, adapter_model.safetensors),
+  loadable with `PeftModel.from_pretrained(base, dir)`;
+- optionally `<dir>/<denoiser>/`: the merged weights in the diffusers format, loadable with
+  `<Class>.from_pretrained(dir, subfolder=<denoiser>)`, with no peft needed.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # the authors' FLUX LoRA script
+
+
+@dataclass
+class LoraOptions:
+    rank: int = 64
+    alpha: float = 128.0
+    target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
+    dropout: float = 0.0
+    save_merged: bool = True   # also write merged full weights in the diffusers format
+    init_from: str = ""        # a peft adapter folder to start from (e.g. a previous run's <denoiser>_lora)
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.rank < 1:
+            problems.append(f"lora.rank = {self.rank} must be >= 1")
+        if self.alpha <= 0:
+            problems.append(f"lora.alpha = {self.alpha} must be > 0")
+        if not self.target_modules:
+            problems.append("lora.target_modules = [] must name at least one module (e.g. to_q, to_k, to_v, to_out.0)")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"lora.dropout = {self.dropout} must be in [0, 1)")
+        return problems
+
+
+def apply_lora(model: nn.Module, options: LoraOptions) -> nn.Module:
+    """Wrap `model` in a peft LoRA model (base frozen) or load the adapter in `init_from`."""
+    from peft import LoraConfig, PeftModel, get_peft_model
+    model.requires_grad_(False)
+    if options.init_from:
+        folder = Path(options.init_from)
+        if not (folder / "adapter_config.json").is_file():
+            raise FileNotFoundError(f"lora.init_from = {str(folder)!r} is not a peft adapter folder: missing "
+                                    f"{folder / 'adapter_config.json'} (expected adapter_config.json, adapter_model.safetensors)")
+        return PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+    config = LoraConfig(r=options.rank, lora_alpha=options.alpha, target_modules=list(options.target_modules),
+                        lora_dropout=options.dropout, init_lora_weights=True)
+    try:
+        return get_peft_model(model, config)
+    except ValueError as err:
+        raise ValueError(f"lora.target_modules = {options.target_modules}: {err}") from err
+
+
+def _flat(name: str) -> str:
+    return name.replace(".", "__")  # module attribute names cannot hold dots
+
+
+class LoraParameters(nn.Module):
+    """The trainable LoRA weights of a peft model as their own module (shared, not copied)."""
+
+    def __init__(self, peft_model: nn.Module):
+        super().__init__()
+        object.__setattr__(self, "owner", peft_model)  # not a submodule: its base weights stay out
+        for name, param in peft_model.named_parameters():
+            if "lora_" in name:
+                self.register_parameter(_flat(name), param)
+        if not len(list(self.parameters())):
+            raise ValueError("LoRA found no layer to adapt: check lora.target_modules against the model's module names")
+
+    def train(self, mode: bool = True) -> "LoraParameters":
+        super().train(mode)
+        self.owner.train(mode)  # LoRA dropout follows the trainer's train/eval switches
+        return self
+
+
+def reference_context(peft_model: nn.Module):
+    """Context manager: the frozen initial policy (LoRA layers bypassed), at no memory cost."""
+    return peft_model.disable_adapter()
+
+
+def merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's state dict with every LoRA delta merged in, under the base model's own keys."""
+    from peft.tuners.lora import LoraLayer
+    base = peft_model.get_base_model()
+    state = {}
+    for key, value in base.state_dict().items():
+        if "lora_" in key:
+            continue
+        state[key.replace(".base_layer.", ".")] = value
+    adapter = peft_model.active_adapter if isinstance(peft_model.active_adapter, str) else peft_model.active_adapter[0]
+    for module_name, module in base.named_modules():
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
+            weight = module.get_base_layer().weight
+            state[f"{module_name}.weight"] = (weight.detach() + module.get_delta_weight(adapter).to(weight.dtype))
+    return state
+
+
+@torch.no_grad()
+def save_merged(peft_model: nn.Module, directory: str | Path) -> None:
+    """Write merged weights with the base class's save_pretrained (diffusers layout).
+
+    The clean model is built on the meta device and takes the merged tensors by assignment,
+    so saving costs only the merged layers' memory, not a second copy of the model.
+    """
+    base = peft_model.get_base_model()
+    state = merged_state_dict(peft_model)
+    with torch.device("meta"):
+        clean = type(base).from_config(base.config)
+    clean.load_state_dict(state, assign=True, strict=True)
+    clean.save_pretrained(str(directory))
+
+
+def lora_target_names(peft_model: nn.Module) -> list[str]:
+    from peft.tuners.lora import LoraLayer
+    return [n for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)]
+
+
+@contextlib.contextmanager
+def no_op():
+    yield

@@ -1,0 +1,134 @@
+"""Stable Diffusion v1.4: UNet2DConditionModel, epsilon prediction, DDIM, classifier-free guidance.
+
+CFG runs in sampling and in training alike, with the unconditional and conditional passes
+batched into one UNet call (`[uncond; cond]`, the authors' layout), so both branches get
+gradients and the recomputed log-probs equal the rollout's. The unconditional embedding is
+the empty prompt's, read from the prompt cache like every other prompt.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from .base import Conditioning
+from .checkpoint_layout import Component, read_json
+from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
+
+
+@dataclass
+class SD14Options(GeneratorOptions):
+    height: int = 512                  # SD v1.4's native resolution (the authors' SD script)
+    width: int = 512
+    cfg_scale: float = 5.0             # the authors' SD config (sample.guidance_scale = 5.0)
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.cfg_scale < 1:
+            problems.append(f"cfg_scale = {self.cfg_scale} must be >= 1 (1 = no guidance)")
+        return problems
+
+
+class SD14Generator(DiffusersGenerator):
+    """Adapter for Stable Diffusion v1.x checkpoints (CompVis/stable-diffusion-v1-4 layout)."""
+
+    prediction = "ddim"
+    model_name = "sd14"
+    denoiser_attr = "unet"
+    options_class = SD14Options
+    needs_empty_prompt = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @classmethod
+    def components(cls) -> list[Component]:
+        return super().components() + [Component("scheduler", "scheduler")]
+
+    @classmethod
+    def check_before_loading(cls, root: Path, options, denoiser_config: dict, vae_config: dict) -> None:
+        factor = vae_spatial_factor(vae_config)
+        check_resolution(cls.model_name, options.height, options.width, factor, f"VAE factor {factor}")
+        scheduler = read_json(root / "scheduler" / "scheduler_config.json")
+        check_scheduler_matches_sampler(scheduler, root)
+
+    @classmethod
+    def load_denoiser(cls, root: Path) -> UNet2DConditionModel:
+        return UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", torch_dtype=torch.float32)
+
+    @classmethod
+    def load_vae(cls, root: Path, dtype: torch.dtype) -> AutoencoderKL:
+        return AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
+
+    def negative_keys(self) -> tuple[str, ...]:
+        return ("prompt_embeds",)
+
+    def latent_shape(self) -> tuple[int, int, int]:
+        return (self.unet.config.in_channels, self.options.height // self.vae_factor,
+                self.options.width // self.vae_factor)
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        """Guided epsilon: uncond + s * (cond - uncond), both from one batched UNet call."""
+        text = cond["prompt_embeds"].to(latents.dtype)
+        t = t.expand(latents.shape[0])
+        if self.options.cfg_scale == 1.0:
+            return self.unet(latents, t, encoder_hidden_states=text, return_dict=False)[0]
+        uncond_text = cond["negative_prompt_embeds"].to(latents.dtype)
+        eps = self.unet(torch.cat([latents, latents]), torch.cat([t, t]),
+                        encoder_hidden_states=torch.cat([uncond_text, text]), return_dict=False)[0]
+        uncond, conditional = eps.chunk(2)
+        return uncond + self.options.cfg_scale * (conditional - uncond)
+
+    def decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
+        scaled = latents / self.vae.config.scaling_factor
+        pixels = self.vae.decode(scaled.to(self.vae.dtype), return_dict=False)[0]
+        return (pixels.float() / 2 + 0.5).clamp(0, 1)
+
+
+def check_scheduler_matches_sampler(scheduler: dict, root: Path) -> None:
+    """The trainer's DDIM sampler uses SD v1's noise schedule; refuse a checkpoint trained on another."""
+    expected = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+                "beta_schedule": "scaled_linear", "prediction_type": "epsilon", "steps_offset": 1}
+    defaults = {"num_train_timesteps": 1000, "beta_start": 0.0001, "beta_end": 0.02, "beta_schedule": "linear",
+                "prediction_type": "epsilon", "steps_offset": 0}
+    wrong = []
+    for key, want in expected.items():
+        have = scheduler.get(key, defaults[key])
+        if (abs(have - want) > 1e-9) if isinstance(want, float) else have != want:
+            wrong.append(f"{key} = {have!r} (expected {want!r})")
+    if wrong:
+        raise ValueError(f"sd14: {root / 'scheduler' / 'scheduler_config.json'} does not match the DDIM sampler's "
+                         f"Stable Diffusion v1 schedule: {', '.join(wrong)}")
+
+
+class SD14PromptEncoder:
+    """CLIP text encoder's last hidden state, as StableDiffusionPipeline.encode_prompt computes it."""
+
+    model_name = "sd14"
+    default_dtype = "float32"
+
+    def __init__(self, root: Path, device: torch.device, dtype: torch.dtype):
+        from transformers import AutoTokenizer, CLIPTextModel
+        self.device, self.dtype = device, dtype
+        self.tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+        self.text_encoder = CLIPTextModel.from_pretrained(str(root / "text_encoder")).to(device, dtype).eval()
+
+    @staticmethod
+    def components() -> list[Component]:
+        return [Component("text_encoder", "model"), Component("tokenizer", "tokenizer")]
+
+    def meta(self) -> dict:
+        return {}
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], extras: list[dict] | None = None) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                                truncation=True, return_tensors="pt")
+        mask = None
+        if getattr(self.text_encoder.config, "use_attention_mask", False):
+            mask = tokens.attention_mask.to(self.device)
+        hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+        return {"prompt_embeds": hidden.to(self.dtype)}

@@ -1,0 +1,120 @@
+"""`dancegrpo preprocess`: encode a prompt file once with the model's own text encoders.
+
+    dancegrpo preprocess --model flux --path data/flux --prompts prompts.txt --out data/flux_cache
+
+Prompt files: plain text, one prompt a line; or JSONL, one object a line with "prompt" and,
+for image-to-video, "image" (a path, relative to the JSONL file or absolute). The cache
+(see models/prompt_cache.py) is what `model.options.prompt_cache` points at; its
+`prompts.txt` can serve as `data.train_prompts`.
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from .models.checkpoint_layout import check_layout
+from .models.prompt_cache import EMPTY_PROMPT, PromptCacheWriter
+
+
+def _sd14():
+    from .models.sd14 import SD14PromptEncoder
+    return SD14PromptEncoder
+
+
+def _flux():
+    from .models.flux import FluxPromptEncoder
+    return FluxPromptEncoder
+
+
+def _hunyuan_video():
+    from .models.hunyuan_video import HunyuanPromptEncoder
+    return HunyuanPromptEncoder
+
+
+def _skyreels_i2v():
+    from .models.skyreels_i2v import SkyReelsPromptEncoder
+    return SkyReelsPromptEncoder
+
+
+#: model name -> prompt encoder class (imported on use). Names match models.MODEL_REGISTRY.
+ENCODERS: dict[str, Callable[[], type]] = {
+    "sd14": _sd14, "flux": _flux, "hunyuan_video": _hunyuan_video, "skyreels_i2v": _skyreels_i2v}
+
+#: Models that run classifier-free guidance: their cache also holds the empty prompt.
+CFG_MODELS = {"sd14", "skyreels_i2v"}
+
+
+def read_prompt_file(path: str | Path) -> list[dict]:
+    """Entries {"prompt": str, ...extras} from a .txt (one a line) or .jsonl file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"prompt file {str(path)!r} not found (one prompt a line, or JSONL with \"prompt\")")
+    entries = []
+    if path.suffix == ".jsonl":
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
+            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+                raise ValueError(f"{path}:{number}: each JSONL line needs a \"prompt\" string, got {line[:80]!r}")
+            if "image" in record:
+                image = Path(record["image"])
+                record["image"] = str(image if image.is_absolute() else path.parent / image)
+            entries.append(record)
+    else:
+        entries = [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+    if not entries:
+        raise ValueError(f"prompt file {str(path)!r} has no prompts")
+    seen: dict[str, dict] = {}
+    for entry in entries:
+        earlier = seen.setdefault(entry["prompt"], entry)
+        if earlier is not entry and earlier != entry:
+            raise ValueError(f"{path}: prompt {entry['prompt']!r} appears twice with different extras "
+                             f"({earlier} vs {entry}); the cache is keyed by prompt text")
+    return list(seen.values())
+
+
+def encoder_class(model: str) -> type:
+    if model not in ENCODERS:
+        raise ValueError(f"preprocess: unknown model {model!r}: choose one of {sorted(ENCODERS)}")
+    return ENCODERS[model]()
+
+
+def preprocess(model: str, path: str | Path, prompts: str | Path, out: str | Path, batch_size: int = 8,
+               shard_size: int = 256, dtype: str | None = None, device: str = "cpu",
+               options: dict | None = None, progress: bool = True) -> Path:
+    """Encode every prompt of `prompts` with `model`'s text encoders into a cache at `out`."""
+    cls = encoder_class(model)
+    options = dict(options or {})
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self", "root", "device", "dtype"}
+    unknown = sorted(set(options) - accepted)
+    if unknown:
+        raise ValueError(f"preprocess --model {model}: unknown option(s) {unknown}; allowed are {sorted(accepted)}")
+    if batch_size < 1 or shard_size < 1:
+        raise ValueError(f"batch_size = {batch_size} and shard_size = {shard_size} must be >= 1")
+    dtype = dtype or cls.default_dtype
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise ValueError(f"dtype = {dtype!r} must be one of {', '.join(dtypes)}")
+    root = check_layout(path, model, cls.components())
+    entries = read_prompt_file(prompts)
+    if model in CFG_MODELS and all(e["prompt"] != EMPTY_PROMPT for e in entries):
+        entries = [{"prompt": EMPTY_PROMPT}] + entries  # the unconditional branch of CFG
+    encoder = cls(root, torch.device(device), dtypes[dtype], **options)
+    writer = PromptCacheWriter(out, model, meta={"checkpoint": str(root), **encoder.meta()}, shard_size=shard_size)
+    bar = tqdm(total=len(entries), desc=f"encoding prompts ({model})", unit="prompt", disable=not progress)
+    for start in range(0, len(entries), batch_size):
+        batch = entries[start: start + batch_size]
+        tensors = encoder.encode([e["prompt"] for e in batch], batch)
+        writer.add([e["prompt"] for e in batch], tensors)
+        bar.update(len(batch))
+    bar.close()
+    return writer.close()

@@ -1,0 +1,122 @@
+"""Tiny random checkpoints of the real generators, written in the real diffusers layouts.
+
+Each builder assembles the diffusers pipeline from tiny configs (random weights; tokenizers
+from a small character vocabulary written here, since real vocabularies cannot be
+downloaded) and calls the pipeline's own `save_pretrained`, so the folder is exactly what a
+user's downloaded checkpoint looks like: model_index.json, unet/ or transformer/, vae/,
+text_encoder*/, tokenizer*/, scheduler/.
+"""
+from __future__ import annotations
+
+import string
+from pathlib import Path
+
+import torch
+
+CHARS = list(string.ascii_lowercase) + list("0123456789.,!?'-<>|_:{}\n ")
+
+
+def clip_tokenizer():
+    from transformers import CLIPTokenizer
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in CHARS:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=77)
+
+
+def t5_tokenizer():
+    from transformers import T5Tokenizer
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -1.0)]
+    pieces += [(c, -2.0) for c in CHARS if c.strip()] + [("\u2581" + c, -1.5) for c in string.ascii_lowercase]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
+
+
+def llama_tokenizer():
+    from transformers import LlamaTokenizer
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581": 3}
+    for c in CHARS:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault("\u2581" + c, len(vocab))
+    tokenizer = LlamaTokenizer(vocab=vocab, merges=[])
+    tokenizer.pad_token = "<unk>"
+    tokenizer.padding_side = "right"  # as HunyuanVideo's tokenizer: valid tokens first
+    return tokenizer
+
+
+def clip_text_model(hidden: int = 32, vocab_size: int = 128):
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return CLIPTextModel(CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                                        num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=77,
+                                        projection_dim=hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1))
+
+
+def tiny_vae(latent_channels: int, **extra):
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=latent_channels,
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, sample_size=16, **extra)
+
+
+def build_sd14(root: Path, seed: int = 0) -> Path:
+    """Stable Diffusion v1 layout; VAE factor 2 (two levels) keeps it tiny."""
+    from diffusers import PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32,
+                                attention_head_dim=4,
+                                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                              num_train_timesteps=1000, steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False)
+    pipe = StableDiffusionPipeline(vae=tiny_vae(4, scaling_factor=0.18215), text_encoder=clip_text_model(),
+                                   tokenizer=clip_tokenizer(), unet=unet, scheduler=scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(str(root))
+    return root
+
+
+def build_flux(root: Path, seed: int = 0) -> Path:
+    """FLUX.1-dev layout: CLIP + T5 text encoders, 16-channel-style VAE (here 4), packed transformer."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                         pooled_projection_dim=32, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
+    t5 = T5EncoderModel(T5Config(vocab_size=128, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                        vae=tiny_vae(4, scaling_factor=0.3611, shift_factor=0.1159),
+                        text_encoder=clip_text_model(), tokenizer=clip_tokenizer(),
+                        text_encoder_2=t5, tokenizer_2=t5_tokenizer(), transformer=transformer)
+    pipe.save_pretrained(str(root))
+    return root
+
+
+def write_prompts(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(p + "\n" for p in prompts))
+    return path
+
+
+PROMPTS = ["a red cat", "a blue dog on a hill", "two green birds", "an old boat at sea"]
+
+
+def brightness(images, prompts):
+    """Mean pixel value per sample, for images (B, C, H, W) or videos (B, T, C, H, W)."""
+    return images.flatten(1).mean(1)
+
+
+def trainer_config(run_dir: Path, model: str, path: Path, options: dict, prediction: str = "flow",
+                   iterations: int = 1) -> dict:
+    """One small GRPO iteration's config on a tiny checkpoint; prompts come from the cache."""
+    return {
+        "run": {"output_dir": str(run_dir), "seed": 0, "device": "cpu"},
+        "model": {"name": model, "path": str(path), "options": options},
+        "sampler": {"num_steps": 3, "eta": 1.0 if prediction == "ddim" else 0.7, "shift": 3.0},
+        "data": {"train_prompts": str(Path(options["prompt_cache"]) / "prompts.txt"), "eval_prompts": ""},
+        "rewards": [{"name": "brightness"}],
+        "grpo": {"group_size": 2, "prompts_per_iteration": 2, "tau": 0.5, "clip_range": 1e-3},
+        "trainer": {"iterations": iterations, "lr": 1e-3, "updates_per_iteration": 1, "micro_batch_size": 2,
+                    "checkpoint_every": 1, "keep_last": 1},
+    }

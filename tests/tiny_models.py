@@ -38,10 +38,8 @@ def llama_tokenizer():
     for c in CHARS:
         vocab.setdefault(c, len(vocab))
         vocab.setdefault("\u2581" + c, len(vocab))
-    tokenizer = LlamaTokenizer(vocab=vocab, merges=[])
-    tokenizer.pad_token = "<unk>"
-    tokenizer.padding_side = "right"  # as HunyuanVideo's tokenizer: valid tokens first
-    return tokenizer
+    # Right padding as HunyuanVideo's tokenizer: valid tokens first, which the transformer's mask assumes.
+    return LlamaTokenizer(vocab=vocab, merges=[], pad_token="<unk>", padding_side="right")
 
 
 def clip_text_model(hidden: int = 32, vocab_size: int = 128):
@@ -120,3 +118,58 @@ def trainer_config(run_dir: Path, model: str, path: Path, options: dict, predict
         "trainer": {"iterations": iterations, "lr": 1e-3, "updates_per_iteration": 1, "micro_batch_size": 2,
                     "checkpoint_every": 1, "keep_last": 1},
     }
+
+
+def _hunyuan_parts(in_channels: int, seed: int):
+    from diffusers import AutoencoderKLHunyuanVideo, FlowMatchEulerDiscreteScheduler, HunyuanVideoTransformer3DModel
+    from transformers import LlamaConfig, LlamaModel
+    torch.manual_seed(seed)
+    transformer = HunyuanVideoTransformer3DModel(
+        in_channels=in_channels, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
+        pooled_projection_dim=32, rope_axes_dim=(2, 2, 4), guidance_embeds=True)
+    vae = AutoencoderKLHunyuanVideo(latent_channels=4, block_out_channels=(8, 8, 8, 8), layers_per_block=1,
+                                    norm_num_groups=4)
+    llama = LlamaModel(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=1024))
+    return dict(text_encoder=llama, tokenizer=llama_tokenizer(), transformer=transformer, vae=vae,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=clip_text_model(),
+                tokenizer_2=clip_tokenizer())
+
+
+def build_hunyuan_video(root: Path, seed: int = 0) -> Path:
+    """hunyuanvideo-community/HunyuanVideo layout (Llama + CLIP, 3D VAE: 8x space, 4x time)."""
+    from diffusers import HunyuanVideoPipeline
+    HunyuanVideoPipeline(**_hunyuan_parts(4, seed)).save_pretrained(str(root))
+    return root
+
+
+def build_skyreels_i2v(root: Path, seed: int = 0) -> Path:
+    """SkyReels-V1-Hunyuan-I2V layout: the same, with a transformer taking video + image latent channels."""
+    from diffusers import HunyuanSkyreelsImageToVideoPipeline
+    parts = _hunyuan_parts(8, seed)
+    # A near-deterministic posterior (log-variance clamped at -30), so the pipeline's sampled
+    # image latent equals the cache's posterior mean to ~1e-6 and the two can be compared.
+    with torch.no_grad():
+        quant = parts["vae"].quant_conv
+        quant.weight[4:].zero_()
+        quant.bias[4:].fill_(-60.0)
+    HunyuanSkyreelsImageToVideoPipeline(**parts).save_pretrained(str(root))
+    return root
+
+
+def write_images(folder: Path, prompts: list[str], size=(40, 28)) -> Path:
+    """Random RGB images and a JSONL prompt file naming them (relative paths)."""
+    import json
+
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(0)
+    lines = []
+    for i, prompt in enumerate(prompts):
+        pixels = (torch.rand(size[1], size[0], 3, generator=gen) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / f"image_{i}.png")
+        lines.append(json.dumps({"prompt": prompt, "image": f"image_{i}.png"}))
+    path = folder / "prompts.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path

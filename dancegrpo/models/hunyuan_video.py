@@ -1,0 +1,153 @@
+"""HunyuanVideo text-to-video and text-to-image: HunyuanVideoTransformer3DModel, embedded guidance.
+
+Latents are (16, 1 + (frames-1)/4, H/8, W/8); text-to-image is the same model with one
+frame (`frames: 1`), decoded to images (B, C, H, W) instead of videos (B, T, C, H, W).
+
+Conditioning, as diffusers' HunyuanVideoPipeline computes it and the prompt cache stores it:
+the Llama encoder's third-to-last hidden state over the prompt wrapped in the model's prompt
+template, with the template's tokens cropped off (`prompt_embeds`, `prompt_attention_mask`),
+and CLIP's pooled output (`pooled_embeds`). Guidance is embedded (no CFG): the authors pass
+6018 (= 6.018 x 1000) to the guidance embedder; the transformer's timestep is sigma x 1000.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
+
+from .base import Conditioning
+from .checkpoint_layout import Component
+from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
+
+
+@dataclass
+class HunyuanVideoOptions(GeneratorOptions):
+    height: int = 480                  # the authors' HunyuanVideo script (--h 480 --w 480 --t 53)
+    width: int = 480
+    frames: int = 53                   # 4k+1 (the VAE compresses time 4x after the first frame); 1 = text-to-image
+    guidance_scale: float = 6.018      # the authors pass guidance 6018.0 = 6.018 x 1000
+    vae_tiling: bool = True            # diffusers' tiled (and frame-wise) VAE decode: bounded memory for video
+
+    def validate(self) -> list[str]:
+        problems = super().validate()
+        if self.frames < 1:
+            problems.append(f"frames = {self.frames} must be >= 1")
+        if self.guidance_scale < 0:
+            problems.append(f"guidance_scale = {self.guidance_scale} must be >= 0")
+        return problems
+
+
+class HunyuanVideoGenerator(DiffusersGenerator):
+    """Adapter for HunyuanVideo checkpoints in the diffusers layout (hunyuanvideo-community/HunyuanVideo)."""
+
+    prediction = "flow"
+    model_name = "hunyuan_video"
+    denoiser_attr = "transformer"
+    options_class = HunyuanVideoOptions
+    cache_models = ("hunyuan_video",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.options.vae_tiling:
+            self.vae.enable_tiling()
+        self.latent_channels = self.vae.config.latent_channels
+
+    @classmethod
+    def check_before_loading(cls, root: Path, options, denoiser_config: dict, vae_config: dict) -> None:
+        factor = vae_spatial_factor(vae_config)
+        patch = denoiser_config.get("patch_size", 2)
+        check_resolution(cls.model_name, options.height, options.width, factor * patch,
+                         f"VAE factor {factor} x patch size {patch}")
+        temporal = vae_config.get("temporal_compression_ratio", 4)
+        if (options.frames - 1) % temporal:
+            k = (options.frames - 1) // temporal
+            raise ValueError(f"model {cls.model_name!r}: frames = {options.frames} is not {temporal}k+1 (the VAE "
+                             f"compresses time {temporal}x after the first frame); use {temporal * k + 1} or "
+                             f"{temporal * (k + 1) + 1} (1 = text-to-image)")
+
+    @classmethod
+    def load_denoiser(cls, root: Path) -> HunyuanVideoTransformer3DModel:
+        return HunyuanVideoTransformer3DModel.from_pretrained(str(root), subfolder="transformer",
+                                                              torch_dtype=torch.float32)
+
+    @classmethod
+    def load_vae(cls, root: Path, dtype: torch.dtype) -> AutoencoderKLHunyuanVideo:
+        return AutoencoderKLHunyuanVideo.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
+
+    def latent_shape(self) -> tuple[int, int, int, int]:
+        config = self.vae.config
+        spatial, temporal = config.spatial_compression_ratio, config.temporal_compression_ratio
+        return (self.latent_channels, (self.options.frames - 1) // temporal + 1,
+                self.options.height // spatial, self.options.width // spatial)
+
+    def transformer_inputs(self, t: torch.Tensor, cond: Conditioning, batch: int, dtype: torch.dtype) -> dict:
+        guidance = torch.full((batch,), self.options.guidance_scale * 1000.0, device=t.device, dtype=dtype)
+        return dict(timestep=(t * 1000.0).to(dtype).expand(batch),
+                    encoder_hidden_states=cond["prompt_embeds"].to(dtype),
+                    encoder_attention_mask=cond["prompt_attention_mask"].to(dtype),
+                    pooled_projections=cond["pooled_embeds"].to(dtype),
+                    guidance=guidance if self.transformer.config.guidance_embeds else None)
+
+    def predict(self, latents: torch.Tensor, t: torch.Tensor, cond: Conditioning) -> torch.Tensor:
+        inputs = self.transformer_inputs(t, cond, latents.shape[0], latents.dtype)
+        return self.transformer(hidden_states=latents, return_dict=False, **inputs)[0]
+
+    def decode_batch(self, latents: torch.Tensor) -> torch.Tensor:
+        video = self.vae.decode((latents / self.vae.config.scaling_factor).to(self.vae.dtype), return_dict=False)[0]
+        video = (video.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 1, 3, 4)  # (B, T, C, H, W)
+        return video[:, 0] if self.options.frames == 1 else video
+
+
+class HunyuanPromptEncoder:
+    """The Llama-based encoder (templated, cropped) + CLIP pooled, as HunyuanVideoPipeline.encode_prompt.
+
+    `template_crop_start` is the number of template tokens before the prompt: 95 for the
+    released tokenizer (diffusers' default template), or "auto" to count them with the
+    checkpoint's own tokenizer.
+    """
+
+    model_name = "hunyuan_video"
+    default_dtype = "bfloat16"   # 256 x 4096 per prompt; the authors encode in bf16
+    hidden_layers_to_skip = 2    # the third-to-last hidden state, as the pipeline takes it
+
+    def __init__(self, root: Path, device: torch.device, dtype: torch.dtype, max_sequence_length: int = 256,
+                 template_crop_start: int | str = 95):
+        from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
+        from transformers import AutoModel, AutoTokenizer, CLIPTextModel
+        self.device, self.dtype, self.max_sequence_length = device, dtype, max_sequence_length
+        self.template = DEFAULT_PROMPT_TEMPLATE["template"]
+        self.tokenizer = AutoTokenizer.from_pretrained(str(root / "tokenizer"))
+        self.tokenizer_2 = AutoTokenizer.from_pretrained(str(root / "tokenizer_2"))
+        self.text_encoder = AutoModel.from_pretrained(str(root / "text_encoder")).to(device, dtype).eval()
+        self.text_encoder_2 = CLIPTextModel.from_pretrained(str(root / "text_encoder_2")).to(device, dtype).eval()
+        if template_crop_start == "auto":
+            prefix = self.template.split("{}")[0]
+            template_crop_start = len(self.tokenizer(prefix).input_ids)
+        if not isinstance(template_crop_start, int) or template_crop_start < 0:
+            raise ValueError(f"template_crop_start = {template_crop_start!r} must be a non-negative integer or 'auto'")
+        self.crop_start = template_crop_start
+
+    @staticmethod
+    def components() -> list[Component]:
+        return [Component("text_encoder", "model"), Component("tokenizer", "tokenizer"),
+                Component("text_encoder_2", "model"), Component("tokenizer_2", "tokenizer")]
+
+    def meta(self) -> dict:
+        return {"max_sequence_length": self.max_sequence_length, "template_crop_start": self.crop_start}
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str], extras: list[dict] | None = None) -> dict[str, torch.Tensor]:
+        tokens = self.tokenizer([self.template.format(p) for p in prompts], padding="max_length",
+                                max_length=self.max_sequence_length + self.crop_start, truncation=True,
+                                return_tensors="pt")
+        ids, mask = tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device)
+        hidden = self.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        sequence = hidden[-(self.hidden_layers_to_skip + 1)][:, self.crop_start:]
+        mask = mask[:, self.crop_start:]
+        clip_ids = self.tokenizer_2(prompts, padding="max_length", max_length=77, truncation=True,
+                                    return_tensors="pt").input_ids
+        pooled = self.text_encoder_2(clip_ids.to(self.device), output_hidden_states=False).pooler_output
+        return {"prompt_embeds": sequence.to(self.dtype), "prompt_attention_mask": mask.to(torch.int64),
+                "pooled_embeds": pooled.to(self.dtype)}

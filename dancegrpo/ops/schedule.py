@@ -1,0 +1,75 @@
+"""Per-sample coefficients of a sampler step: mean = coef_x * x + coef_v * v, and std.
+
+Every step form of dancegrpo.sde has a mean that is linear in the latent x and the model
+output v, with coefficients that depend only on the schedule values of the sample. Computing
+those B numbers first lets the kernels make a single pass over the latents. The formulas
+are the ones of sde.flow_step_mean_std / sde.ddim_step_mean_std, regrouped by x and v.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..sde import FLOW_FORMS, ScheduleValue
+
+PREDICTIONS = ("flow", "ddim")
+
+
+def compute_dtype(sample: Tensor) -> torch.dtype:
+    """float64 for float64 latents, else float32 (never 16-bit: see dancegrpo.sde)."""
+    return torch.float64 if sample.dtype == torch.float64 else torch.float32
+
+
+def per_sample(value: ScheduleValue | None, name: str, batch: int, dtype: torch.dtype,
+               device: torch.device) -> Tensor:
+    """A schedule value as a (B,) tensor: from a float, a 0-d tensor, or a (B,)/(1,) tensor."""
+    if value is None:
+        raise ValueError(f"schedule value {name} is required for this step")
+    if isinstance(value, Tensor):
+        if value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real-valued tensor, got dtype {value.dtype}")
+        v = value.detach().to(device=device, dtype=dtype)
+        if v.ndim == 0 or (v.ndim == 1 and v.shape[0] == 1):
+            return v.reshape(()).expand(batch)
+        if v.ndim == 1 and v.shape[0] == batch:
+            return v
+        raise ValueError(f"{name} has shape {tuple(value.shape)}; pass a scalar or one value per sample, "
+                         f"shape ({batch},)")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full((batch,), float(value), dtype=dtype, device=device)
+    raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+
+
+def flow_coefficients(sigma: Tensor, sigma_next: Tensor, eta: Tensor, form: str = "dancegrpo",
+                      sigma_max: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(coef_x, coef_v, std) of a rectified-flow SDE step; all inputs (B,) in the compute dtype.
+
+    "dancegrpo": mean = x + dt*v - 0.5*eta^2*score*dt with score = -(x + (1-s)*v)/s, so
+        coef_x = 1 + 0.5*eta^2*dt/s, coef_v = dt + 0.5*eta^2*dt*(1-s)/s, std = eta*sqrt(-dt).
+    "flow_grpo": with d = eta*sqrt(s/(1-s')) (s' = sigma_max where s == 1, else s),
+        coef_x = 1 + d^2/(2s)*dt, coef_v = (1 + d^2*(1-s)/(2s))*dt, std = d*sqrt(-dt).
+    """
+    if form not in FLOW_FORMS:
+        raise ValueError(f"unknown flow step form {form!r}; choose one of {FLOW_FORMS}")
+    s, dt = sigma, sigma_next - sigma
+    if form == "dancegrpo":
+        half_eta_sq_dt = 0.5 * eta**2 * dt
+        return 1 + half_eta_sq_dt / s, dt + half_eta_sq_dt * (1 - s) / s, eta * torch.sqrt(-dt)
+    denom_sigma = s if sigma_max is None else torch.where(s == 1, sigma_max, s)
+    std_dev = eta * torch.sqrt(s / (1 - denom_sigma))
+    return (1 + std_dev**2 / (2 * s) * dt, (1 + std_dev**2 * (1 - s) / (2 * s)) * dt,
+            std_dev * torch.sqrt(-dt))
+
+
+def ddim_coefficients(abar_t: Tensor, abar_prev: Tensor, eta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(coef_x, coef_v, std) of a DDIM step with noise eta (epsilon prediction, no x0 clipping).
+
+    mean = sqrt(abar_prev)*x0_hat + sqrt(1 - abar_prev - std^2)*eps with
+    x0_hat = (x - sqrt(1-abar_t)*eps)/sqrt(abar_t), so coef_x = sqrt(abar_prev/abar_t) and
+    coef_v = sqrt(1 - abar_prev - std^2) - sqrt(abar_prev)*sqrt(1-abar_t)/sqrt(abar_t).
+    """
+    variance = (1 - abar_prev) / (1 - abar_t) * (1 - abar_t / abar_prev)
+    std = eta * torch.sqrt(variance)
+    direction = torch.sqrt((1 - abar_prev - std**2).clamp(min=0))
+    sqrt_prev, sqrt_t = torch.sqrt(abar_prev), torch.sqrt(abar_t)
+    return sqrt_prev / sqrt_t, direction - sqrt_prev * torch.sqrt(1 - abar_t) / sqrt_t, std

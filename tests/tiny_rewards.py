@@ -166,3 +166,102 @@ def smooth_images(n: int, height: int, width: int, seed: int = 0, frames: int | 
     x = torch.nn.functional.interpolate(torch.rand(shape, generator=g), size=(height, width), mode="bicubic",
                                         align_corners=False).clamp(0, 1)
     return x if frames is None else x.view(n, frames, 3, height, width)
+
+
+# ---------------------------------------------------------------- VideoAlign (Qwen2-VL reward model)
+
+QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
+                "<|image_pad|>", "<|video_pad|>"]
+# The tests' own chat template (same message structure as Qwen2-VL's: video placeholder, then text).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}{% for c in message['content'] %}"
+    "{% if c['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+TEMPLATE_PY = 'DETAILED_PROMPT = "unused {text_prompt}"\nDETAILED_PROMPT_WITH_SPECIAL_TOKEN = """\n' \
+    'Rate the video. Visual: <|VQ_reward|>\nMotion: <|MQ_reward|>\nPrompt - {text_prompt}\nText: <|TA_reward|>\n"""\n'
+NORM = {"VQ_mean": 0.5, "VQ_std": 2.0, "MQ_mean": -1.0, "MQ_std": 0.5, "TA_mean": 0.25, "TA_std": 4.0}
+
+
+def qwen_tokenizer():
+    from transformers import Qwen2Tokenizer
+    symbols = list(bytes_to_unicode().values())
+    vocab = {s: i for i, s in enumerate(symbols)}
+    tok = Qwen2Tokenizer(vocab=vocab, merges=[])
+    tok.add_special_tokens({"additional_special_tokens": QWEN_SPECIAL[1:]})
+    tok.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"})
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _new_to_old_name(key: str) -> str:
+    """transformers 5 Qwen2-VL names -> the 4.45 layout the release was saved in."""
+    key = key.replace("model.language_model.", "model.")
+    return key.replace("model.visual.", "visual.")
+
+
+def write_videoalign_release(root: Path, seed: int = 0):
+    """A tiny base Qwen2-VL directory and a VideoAlign release (LoRA adapter + non-LoRA weights)
+    trained-from-it, as VideoAlign's create_model_and_processor + peft would save it. Returns
+    (release dir, base dir, template file, reference peft model, tokenizer with reward tokens)."""
+    from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import AutoTokenizer, Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    base, release = root / "Qwen2-VL-tiny", root / "VideoReward"
+    tok = qwen_tokenizer()
+    tok.save_pretrained(base)
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL}
+    cfg = Qwen2VLConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096,
+                         rope_parameters={"rope_type": "default", "mrope_section": [4, 2, 2], "rope_theta": 10000.0},
+                         pad_token_id=ids["<|endoftext|>"], bos_token_id=None, eos_token_id=ids["<|endoftext|>"]),
+        vision_config=dict(depth=1, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2),
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        tie_word_embeddings=True)
+    torch.manual_seed(seed)
+    Qwen2VLForConditionalGeneration(cfg).save_pretrained(base)
+    (base / "preprocessor_config.json").write_text(json.dumps({
+        "patch_size": 14, "merge_size": 2, "temporal_patch_size": 2, "min_pixels": 3136, "max_pixels": 12845056,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+
+    # "Training": add the reward tokens, resize, reward head, LoRA on the language model.
+    tok = AutoTokenizer.from_pretrained(str(base), padding_side="right")
+    tok.add_special_tokens({"additional_special_tokens": ["<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>"]})
+    model = Qwen2VLForConditionalGeneration.from_pretrained(str(base))
+    model.resize_token_embeddings(len(tok))
+    model.rm_head = torch.nn.Linear(32, 1, bias=False)
+    targets = [n for n, m in model.named_modules()
+               if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)) and "visual" not in n
+               and n not in ("lm_head", "rm_head")]
+    peft_model = get_peft_model(model, LoraConfig(target_modules=targets, r=4, lora_alpha=8, lora_dropout=0.0))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name or "rm_head" in name or "merger" in name or "embed_tokens.base_layer" in name:
+                p.requires_grad_(True)
+                p.normal_(0, 0.2)
+    peft_model.eval()
+    ckpt = release / "checkpoint-200"
+    ckpt.mkdir(parents=True)
+    (release / "checkpoint-100").mkdir()  # an older step: the latest must be the one loaded
+    lora_sd = {_new_to_old_name(k): v.contiguous() for k, v in get_peft_model_state_dict(peft_model).items()}
+    save_file(lora_sd, str(ckpt / "adapter_model.safetensors"))
+    (ckpt / "adapter_config.json").write_text(json.dumps({"r": 4, "lora_alpha": 8, "use_rslora": False}))
+    non_lora = {_new_to_old_name(n): p.detach().clone() for n, p in peft_model.named_parameters()
+                if "lora_" not in n and p.requires_grad}
+    torch.save(non_lora, ckpt / "non_lora_state_dict.pth")
+    (release / "model_config.json").write_text(json.dumps({
+        "data_config": {"meta_data": "x.csv", "data_dir": "/data", "max_frame_pixels": 56 * 84, "num_frames": None,
+                        "fps": 2.0, "eval_dim": ["VQ", "MQ", "TA"], "prompt_template_type": "detailed_special",
+                        "sample_type": "uniform"},
+        "model_config": {"model_name_or_path": str(base), "output_dim": 1, "use_special_tokens": True,
+                         "reward_token": "special"},
+        "peft_lora_config": {"lora_enable": True, "lora_r": 4, "lora_alpha": 8, "use_rslora": False},
+        "inference_config": NORM}))
+    template = root / "prompt_template.py"
+    template.write_text(TEMPLATE_PY)
+    return release, base, template, peft_model, tok

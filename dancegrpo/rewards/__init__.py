@@ -40,6 +40,13 @@ def _pickscore(**options):
     return pickscore(**options)
 
 
+def _videoalign(dimension: str):
+    def factory(**options):
+        from .videoalign import videoalign
+        return videoalign(dimension=dimension, **options)
+    return factory
+
+
 def _binary(base: str):
     """Factory for `<base>_binary`: option `threshold` (default: the paper's), the rest to `base`."""
     def factory(threshold: float | None = None, **options):
@@ -58,6 +65,12 @@ REWARD_REGISTRY: dict[str, Callable[..., RewardFn]] = {
     "pickscore": _pickscore,          # path, processor_path[, scale, dtype, batch_size]
     "hps_binary": _binary("hps"),     # threshold (default 0.28) + the hps options
     "clip_score_binary": _binary("clip_score"),  # threshold (default 0.39) + the clip_score options
+    # VideoAlign: path, video_fps, prompt_template[, base_model, fps | num_frames, max_pixels, use_norm, dtype, ...];
+    # the four names share one loaded model and one forward pass per batch.
+    "videoalign": _videoalign("Overall"),
+    "videoalign_vq": _videoalign("VQ"),
+    "videoalign_mq": _videoalign("MQ"),
+    "videoalign_ta": _videoalign("TA"),
 }
 
 

@@ -137,10 +137,14 @@ def test_registry_names_share_one_model_and_one_pass(release, scorer):
     vq.scorer.model.forward = lambda **kw: calls.append(1) or forward(**kw)
     try:
         got_vq, got_mq = vq(videos, PROMPTS[:2]), mq(videos, PROMPTS[:2])
+        assert len(calls) == 1
+        videos.mul_(0.5)                                   # modified in place: scored again
+        mq(videos, PROMPTS[:2])
+        mq(videos.clone(), PROMPTS[:2])                    # another tensor: scored again
+        assert len(calls) == 3
     finally:
         vq.scorer.model.forward = forward
-    assert len(calls) == 1
-    want = scorer.score(videos, PROMPTS[:2])
+    want = scorer.score(videos * 2, PROMPTS[:2])
     assert torch.allclose(got_vq, want["VQ"], atol=1e-5) and torch.allclose(got_mq, want["MQ"], atol=1e-5)
 
 
@@ -169,3 +173,12 @@ def test_missing_release_files_name_what_to_download(release, tmp_path):
     (broken / "checkpoint-200" / "non_lora_state_dict.pth").unlink()
     with pytest.raises(FileNotFoundError, match=r"checkpoint-200/non_lora_state_dict\.pth.*KwaiVGI/VideoReward"):
         VideoAlignScorer(str(broken), video_fps=8.0, prompt_template=str(release["template"]))
+
+
+def test_bf16_is_close_to_fp32(release, scorer):
+    videos = smooth_images(2, 40, 60, seed=6, frames=4)
+    bf16 = VideoAlignScorer(str(release["release"]), video_fps=8.0, prompt_template=str(release["template"]))
+    assert next(bf16.model.parameters()).dtype == torch.bfloat16                 # the default
+    got, want = bf16.score(videos, PROMPTS[:2]), scorer.score(videos, PROMPTS[:2])
+    assert got["VQ"].dtype == torch.float32
+    assert all((got[d] - want[d]).abs().max() < 0.1 for d in DIMENSIONS)

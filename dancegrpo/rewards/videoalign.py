@@ -351,8 +351,9 @@ def load_videoalign_model(path: Path, cfg: VideoAlignConfig, base_model: Path, t
 class VideoAlignScorer:
     """Scores (B, T, 3, H, W) videos in [0, 1] -> dict of (B,) VQ, MQ, TA, Overall.
 
-    Options: see `videoalign`. The last result is kept, so rewards for several dimensions of
-    one batch (videoalign_vq and videoalign_mq in one config) run the model once.
+    Options: see `videoalign`. The last batch and its result are kept (until the next call), so
+    rewards for several dimensions of one batch (videoalign_vq and videoalign_mq in one config)
+    run the model once.
     """
 
     def __init__(self, path: str, video_fps: float | None = None, base_model: str | None = None,
@@ -448,10 +449,12 @@ class VideoAlignScorer:
             raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} samples")
         if images.ndim == 4:
             images = images.unsqueeze(1).expand(-1, FRAME_FACTOR, -1, -1, -1)
-        key = (images.data_ptr(), tuple(images.shape), images._version, images.device, tuple(prompts))
+        # Same tensor object, unmodified since, same prompts: the memo holds the tensor itself, so its
+        # memory cannot be reused by another batch that would otherwise look identical.
+        key = (images._version, tuple(prompts))
         with self._lock:
-            if self._memo is not None and self._memo[0] == key:
-                return self._memo[1]
+            if self._memo is not None and self._memo[0] is images and self._memo[1] == key:
+                return self._memo[2]
             if next(self.model.parameters()).device != images.device:
                 self.model.to(images.device)
             raw = []
@@ -468,7 +471,7 @@ class VideoAlignScorer:
                     value = (value - self.cfg.norm[f"{dim}_mean"]) / self.cfg.norm[f"{dim}_std"]
                 out[dim] = value
             out["Overall"] = out["VQ"] + out["MQ"] + out["TA"]
-            self._memo = (key, out)
+            self._memo = (images, key, out)
             return out
 
 

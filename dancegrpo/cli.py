@@ -28,9 +28,6 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    import torch
-    from PIL import Image
-
     from .checkpoint import latest_checkpoint, load_checkpoint
     from .trainer import Trainer
     trainer = Trainer(args.config, overrides=list(args.set or []))
@@ -43,12 +40,31 @@ def _sample(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = trainer.evaluate(prompts=args.prompt, return_images=True)["images"]
-    for i, (prompt, image) in enumerate(zip(args.prompt, images)):
-        pixels = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
-        name = out / f"{i:03d}_{prompt.replace(' ', '_')[:60]}.png"
-        Image.fromarray(pixels).resize((pixels.shape[1] * args.upscale,) * 2, Image.NEAREST).save(name)
-        print(name)
+    for i, (prompt, sample) in enumerate(zip(args.prompt, images)):
+        stem = out / f"{i:03d}_{prompt.replace(' ', '_').replace('/', '_')[:60]}"
+        upscale = args.upscale or (8 if max(sample.shape[-2:]) <= 64 else 1)  # tiny toy images get enlarged
+        frames = [_to_pil(frame, upscale) for frame in (sample if sample.dim() == 4 else sample[None])]
+        if sample.dim() == 3:
+            frames[0].save(f"{stem}.png")
+            print(f"{stem}.png")
+            continue
+        # Video: no MP4 writer ships with the dependencies (imageio/av are not installed), so
+        # write the frames as PNGs and an animated GIF.
+        stem.mkdir(exist_ok=True)
+        for t, frame in enumerate(frames):
+            frame.save(stem / f"frame_{t:04d}.png")
+        frames[0].save(f"{stem}.gif", save_all=True, append_images=frames[1:], duration=round(1000 / args.fps), loop=0)
+        print(f"{stem}.gif ({len(frames)} frames in {stem}/)")
     return 0
+
+
+def _to_pil(image, upscale: int):
+    """(C, H, W) in [0, 1] -> an RGB PIL image, nearest-neighbour enlarged by `upscale`."""
+    import torch
+    from PIL import Image
+    pixels = (image.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    picture = Image.fromarray(pixels)
+    return picture.resize((picture.width * upscale, picture.height * upscale), Image.NEAREST) if upscale > 1 else picture
 
 
 def _preprocess(args) -> int:
@@ -81,13 +97,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     train.set_defaults(func=_train)
 
-    sample = sub.add_parser("sample", help="write PNG samples (ODE sampler) for prompts")
+    sample = sub.add_parser("sample", help="write PNG images, or PNG frames + GIF for videos (ODE sampler), for prompts")
     sample.add_argument("--config", default="configs/quickstart.yaml")
     sample.add_argument("--set", action="append", metavar="KEY=VALUE")
     sample.add_argument("--checkpoint", help="a run folder or checkpoint directory; default: the base model")
     sample.add_argument("--prompt", action="append", required=True)
     sample.add_argument("--out", default="samples")
-    sample.add_argument("--upscale", type=int, default=8, help="nearest-neighbour upscale of the tiny images")
+    sample.add_argument("--upscale", type=int, default=None,
+                        help="nearest-neighbour upscale (default: 8 for images up to 64 px, else 1)")
+    sample.add_argument("--fps", type=float, default=8.0, help="frame rate of video GIFs")
     sample.set_defaults(func=_sample)
 
     pre = sub.add_parser("preprocess", help="encode a prompt file with the model's text encoders into a prompt cache")

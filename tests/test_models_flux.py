@@ -136,3 +136,18 @@ def test_refusals_name_the_problem(flux, tmp_path):
         load_model("flux", str(ckpt), options(cache_dir, lora={"rnak": 4}))
     assert main(["preprocess", "--model", "flux", "--path", str(ckpt), "--prompts", str(tmp_path / "none.txt"),
                  "--out", str(tmp_path / "c"), "--no-progress"]) == 2
+
+
+def test_sample_command_writes_pngs(flux, tmp_path):
+    import yaml
+    from PIL import Image
+    ckpt, cache_dir = flux
+    cfg = trainer_config(tmp_path / "run", "flux", ckpt, options(cache_dir))
+    cfg["rewards"] = [{"name": "tiny_models:brightness"}]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "samples"
+    assert main(["sample", "--config", str(path), "--prompt", PROMPTS[0], "--prompt", PROMPTS[3],
+                 "--out", str(out), "--upscale", "1"]) == 0
+    files = sorted(out.glob("*.png"))
+    assert len(files) == 2 and Image.open(files[0]).size == (24, 16)

@@ -121,3 +121,18 @@ def test_frames_and_resolution_are_checked_before_loading(hunyuan):
         load_model("hunyuan_video", str(ckpt), options(cache_dir, frames=6))
     with pytest.raises(ValueError, match=r"height = 40 not divisible by 16 \(VAE factor 8 x patch size 2\)"):
         load_model("hunyuan_video", str(ckpt), options(cache_dir, height=40))
+
+
+def test_sample_command_writes_video_frames_and_gif(hunyuan, tmp_path):
+    import yaml
+    from PIL import Image
+    ckpt, cache_dir = hunyuan
+    cfg = trainer_config(tmp_path / "run", "hunyuan_video", ckpt, options(cache_dir))
+    cfg["rewards"] = [{"name": "tiny_models:brightness"}]
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "samples"
+    assert main(["sample", "--config", str(path), "--prompt", PROMPTS[1], "--out", str(out), "--upscale", "1"]) == 0
+    gif = Image.open(next(out.glob("*.gif")))
+    assert gif.n_frames == 5 and gif.size == (48, 32)
+    assert len(sorted(next(p for p in out.iterdir() if p.is_dir()).glob("frame_*.png"))) == 5

@@ -151,3 +151,19 @@ def test_sample_command_writes_pngs(flux, tmp_path):
                  "--out", str(out), "--upscale", "1"]) == 0
     files = sorted(out.glob("*.png"))
     assert len(files) == 2 and Image.open(files[0]).size == (24, 16)
+
+
+def test_bf16_autocast_keeps_fp32_master_weights_and_exact_first_ratio(flux, tmp_path):
+    ckpt, cache_dir = flux
+    lora = {"rank": 4, "alpha": 8}
+    for name, opts in (("full", options(cache_dir)),
+                       ("lora", options(cache_dir, lora=lora, frozen_dtype="bfloat16"))):
+        cfg = trainer_config(tmp_path / name, "flux", ckpt, opts)
+        cfg["run"]["autocast_dtype"] = "bf16"
+        trainer = Trainer(cfg, rewards={"brightness": brightness})
+        metrics = trainer.step()
+        assert metrics["first_update_logp_max_dev"] == 0.0 and metrics["grad_norm"] > 0
+        assert all(p.dtype == torch.float32 for p in trainer.policy.parameters())  # master weights
+        if name == "lora":  # the frozen base (and VAE) sit in bf16, only LoRA weights are fp32
+            assert trainer.adapter.vae.dtype == torch.bfloat16
+            assert trainer.adapter.transformer.get_base_model().x_embedder.weight.dtype == torch.bfloat16

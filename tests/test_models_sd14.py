@@ -138,3 +138,20 @@ def test_bad_checkpoint_resolution_and_cache_are_refused_before_loading(sd, tmp_
     adapter = load_model("sd14", str(ckpt), options(cache_dir))
     with pytest.raises(PromptCacheError, match="'a purple cow' not in the prompt cache"):
         adapter.encode_prompts(["a red cat", "a purple cow"])
+
+
+def test_frozen_reference_of_a_full_fine_tune_is_the_initial_unet(sd):
+    ckpt, cache_dir = sd
+    adapter = load_model("sd14", str(ckpt), options(cache_dir))
+    cond = adapter.encode_prompts(PROMPTS[:1])
+    x, t = torch.randn(1, *adapter.latent_shape()), torch.tensor([300])
+    with torch.no_grad():
+        initial = adapter.predict(x, t, cond)
+        reference = adapter.frozen_reference()
+        for p in adapter.trainable.parameters():
+            p.add_(0.01)
+        assert not torch.allclose(adapter.predict(x, t, cond), initial)
+        with reference.active():
+            torch.testing.assert_close(adapter.predict(x, t, cond), initial, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="only for LoRA"):
+        adapter.reference()

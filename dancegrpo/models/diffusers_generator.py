@@ -16,12 +16,11 @@ rest the same way for all of them:
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -273,13 +272,3 @@ class DiffusersGenerator(nn.Module):
             destination.symlink_to(source.resolve(), target_is_directory=True)
         else:
             shutil.copytree(source, destination)
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module):
-    was = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was)

@@ -14,7 +14,6 @@ On disk:
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,13 +120,3 @@ def save_merged(peft_model: nn.Module, directory: str | Path) -> None:
         clean = type(base).from_config(base.config)
     clean.load_state_dict(state, assign=True, strict=True)
     clean.save_pretrained(str(directory))
-
-
-def lora_target_names(peft_model: nn.Module) -> list[str]:
-    from peft.tuners.lora import LoraLayer
-    return [n for n, m in peft_model.get_base_model().named_modules() if isinstance(m, LoraLayer)]
-
-
-@contextlib.contextmanager
-def no_op():
-    yield

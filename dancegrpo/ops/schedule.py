@@ -20,6 +20,21 @@ def compute_dtype(sample: Tensor) -> torch.dtype:
     return torch.float64 if sample.dtype == torch.float64 else torch.float32
 
 
+def check_schedule_value(value: ScheduleValue | None, name: str, batch: int) -> None:
+    """Shape/type check of a schedule value without converting it (same messages as per_sample)."""
+    if value is None:
+        return
+    if isinstance(value, Tensor):
+        if value.dtype.is_complex or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be a real-valued tensor, got dtype {value.dtype}")
+        if value.ndim == 0 or (value.ndim == 1 and value.shape[0] in (1, batch)):
+            return
+        raise ValueError(f"{name} has shape {tuple(value.shape)}; pass a scalar or one value per sample, "
+                         f"shape ({batch},)")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a float or a tensor, got {type(value).__name__}")
+
+
 def per_sample(value: ScheduleValue | None, name: str, batch: int, dtype: torch.dtype,
                device: torch.device) -> Tensor:
     """A schedule value as a (B,) tensor: from a float, a 0-d tensor, or a (B,)/(1,) tensor."""

@@ -9,7 +9,7 @@ from torch import Tensor
 from ..sde import FLOW_FORMS, ScheduleValue
 from . import library, reference
 from .backends import op_range, resolve_backend
-from .schedule import PREDICTIONS, compute_dtype, ddim_coefficients, flow_coefficients, per_sample
+from .schedule import PREDICTIONS, check_schedule_value, compute_dtype, ddim_coefficients, flow_coefficients, per_sample
 from .validation import check_latents, require, require_positive_std
 
 
@@ -72,6 +72,9 @@ def fused_sde_step(
         raise ValueError(f"unknown flow step form {form!r}; choose one of {FLOW_FORMS}")
     action, action_name = (noise, "noise") if noise is not None else (prev_sample, "prev_sample")
     check_latents(model_output, sample, action, action_name)
+    for value, value_name in ((sigma, "sigma"), (sigma_next, "sigma_next"), (eta, "eta"), (sigma_max, "sigma_max"),
+                              (abar_t, "abar_t"), (abar_prev, "abar_prev")):
+        check_schedule_value(value, value_name, sample.shape[0])
     name = resolve_backend(backend, sample.device)
 
     with op_range("sde_step", name):

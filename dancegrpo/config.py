@@ -81,7 +81,9 @@ class RunConfig:
 class ModelConfig:
     name: str = "toy_flux"           # model adapter name, resolved later by the model registry
     path: str = ""                   # checkpoint directory; "" = the adapter's embedded default
-    options: dict[str, Any] = field(default_factory=dict)  # adapter-specific, passed through
+    # adapter-specific, passed through: guidance_scale (embedded guidance), cfg_scale (real CFG),
+    # prompt_cache, lora, ... (see each adapter)
+    options: dict[str, Any] = field(default_factory=dict)
 
     def validate(self) -> list[str]:
         name_ok = bool(self.name.strip())
@@ -94,7 +96,6 @@ class SamplerConfig:
     eta: float = 0.3                 # SDE noise level
     shift: float = 3.0               # timestep shift of the flow schedule
     sde_form: str = "dancegrpo"      # dancegrpo | flow_grpo
-    guidance_scale: float = 3.5      # embedded guidance (FLUX) or CFG scale (SD)
     eval_num_steps: int | None = None  # ODE steps for evaluation; None = num_steps
     # [start, end): the only steps that inject noise (and are trained); the others are ODE
     # steps. None = every step is stochastic. See FlowSampler.
@@ -110,7 +111,6 @@ class SamplerConfig:
             _rule("eta", self.eta, self.eta >= 0, ">= 0"),
             _rule("shift", self.shift, self.shift > 0, "> 0"),
             _one_of("sde_form", self.sde_form, ("dancegrpo", "flow_grpo")),
-            _rule("guidance_scale", self.guidance_scale, self.guidance_scale >= 0, ">= 0"),
             _rule("eval_num_steps", self.eval_num_steps,
                   self.eval_num_steps is None or self.eval_num_steps >= 1, ">= 1 (or null)"),
         )

@@ -119,7 +119,7 @@ class Trainer:
             self.optimizer, lr_lambda(t.lr_schedule, t.warmup_iterations, t.iterations))
         self.ema = ({n: p.detach().float().clone() for n, p in self.policy.named_parameters()}
                     if t.ema_decay else None)
-        self.reference = FrozenReference(self.adapter, "transformer") if cfg.grpo.kl_coef > 0 else None
+        self.reference = self._frozen_reference() if cfg.grpo.kl_coef > 0 else None
         self.iteration = 0  # iterations completed
         self.metrics: list[dict] = []
         self.base_eval: dict | None = None
@@ -304,6 +304,12 @@ class Trainer:
             "updates": len(grad_norms),
             "skipped_updates": skipped,
         }
+
+    def _frozen_reference(self):
+        """The initial policy for the KL term: the adapter's own (LoRA: adapters switched off,
+        no copy) when it has one, else a frozen copy of its transformer."""
+        make = getattr(self.adapter, "frozen_reference", None)
+        return make() if make is not None else FrozenReference(self.adapter, "transformer")
 
     @torch.no_grad()
     def _kl_to_reference(self, rollout: Rollout, rows, step: int, cond, mean, std) -> torch.Tensor:

@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory):
 BASE_CONFIG = {
     "run": {"output_dir": "", "seed": 0, "device": "cpu"},
     "model": {"name": "toy_flux", "path": ""},
-    "sampler": {"num_steps": 4, "eta": 0.7, "shift": 3.0, "guidance_scale": 1.0},
+    "sampler": {"num_steps": 4, "eta": 0.7, "shift": 3.0},
     "data": {"train_prompts": "toy:train", "eval_prompts": "toy:eval", "eval_num_prompts": 4},
     "rewards": [{"name": "rewards_for_tests:mean_brightness"}],
     "grpo": {"group_size": 4, "prompts_per_iteration": 2, "tau": 0.5, "clip_range": 1e-3},

@@ -30,7 +30,6 @@ FULL_YAML = textwrap.dedent("""\
       eta: 0.5
       shift: 1.5
       sde_form: flow_grpo
-      guidance_scale: 7.5
       eval_num_steps: 28
       sde_window: [0, 8]
     data:

@@ -83,8 +83,12 @@ void sde_step_sumsq_cuda(const SdeStepProblem& p, const void* prev, double* sums
                          void* stream);
 void sde_step_backward_cuda(const SdeStepProblem& p, const void* prev, const void* grad_scale, void* grad_v,
                             void* stream);
-// Workspace for the SDE partial sums: B * sde_num_chunks(numel) doubles.
-inline int64_t sde_workspace_size(int64_t batch, int64_t numel) { return batch * sde_num_chunks(numel); }
+// Elements per CUDA block of the SDE kernels (more, smaller chunks than on the CPU to fill the GPU).
+constexpr int64_t kCudaSdeChunk = 2048;
+// Workspace for the SDE partial sums: one double per (sample, CUDA chunk).
+inline int64_t sde_workspace_size(int64_t batch, int64_t numel) {
+  return batch * (numel == 0 ? 1 : (numel + kCudaSdeChunk - 1) / kCudaSdeChunk);
+}
 
 // stats_out: device buffer of 5 doubles {loss_sum, ratio_sum, ratio_min, ratio_max, clipped}.
 // workspace: clipped_loss_workspace_size(n) doubles.

@@ -1,0 +1,125 @@
+// Tensor checks and conversions shared by the CPU and CUDA torch bindings.
+#pragma once
+
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <optional>
+#include <utility>
+
+#include "dancegrpo/ops.h"
+
+namespace dancegrpo {
+namespace binding {
+
+constexpr double kHalfLogTwoPi = 0.91893853320467274178;  // 0.5 * log(2 pi)
+
+inline DType to_dtype(const at::Tensor& t, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kDouble: return DType::kFloat64;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, name, " must be a floating tensor (float32, float64, bfloat16 or float16), got ",
+                       t.scalar_type());
+  }
+  return DType::kFloat32;
+}
+
+// float64 for float64 latents, else float32 (never 16-bit).
+inline at::ScalarType compute_type(const at::Tensor& latent) {
+  return latent.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline void check_device(const at::Tensor& t, const char* name, at::DeviceType expected, const at::Tensor& first) {
+  TORCH_CHECK(t.device().type() == expected, name, " must be a ", c10::DeviceTypeName(expected),
+              " tensor for this backend, got ", t.device());
+  TORCH_CHECK(t.device() == first.device(), name, " is on ", t.device(), " but sample is on ", first.device());
+}
+
+// Validated, contiguous inputs of an SDE-step call; the tensors keep the buffers alive.
+struct SdeInputs {
+  at::Tensor model_output, sample, action, coef_x, coef_v, std;
+  SdeStepProblem problem;
+};
+
+inline SdeInputs prepare_sde(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& action,
+                             const char* action_name, const at::Tensor& coef_x, const at::Tensor& coef_v,
+                             const at::Tensor& std, at::DeviceType device) {
+  for (const auto& [t, name] : {std::pair{&model_output, "model_output"}, {&sample, "sample"}, {&action, action_name},
+                                {&coef_x, "coef_x"}, {&coef_v, "coef_v"}, {&std, "std"}}) {
+    check_device(*t, name, device, sample);
+  }
+  TORCH_CHECK(sample.dim() >= 1, "sample must have a batch dimension, got a 0-d tensor");
+  TORCH_CHECK(model_output.sizes() == sample.sizes(), "model_output shape ", model_output.sizes(),
+              " differs from sample shape ", sample.sizes());
+  TORCH_CHECK(action.sizes() == sample.sizes(), action_name, " shape ", action.sizes(), " differs from sample shape ",
+              sample.sizes());
+  TORCH_CHECK_TYPE(action.scalar_type() == sample.scalar_type(), action_name, " dtype ", action.scalar_type(),
+                   " differs from sample dtype ", sample.scalar_type());
+  const int64_t batch = sample.size(0);
+  const auto acc = compute_type(sample);
+  for (const auto& [t, name] : {std::pair{&coef_x, "coef_x"}, {&coef_v, "coef_v"}, {&std, "std"}}) {
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == batch, name, " must have shape (", batch, ",), got ", t->sizes());
+    TORCH_CHECK_TYPE(t->scalar_type() == acc, name, " must be ", acc, " for ", sample.scalar_type(),
+                     " latents, got ", t->scalar_type());
+  }
+  SdeInputs in{model_output.contiguous(), sample.contiguous(), action.contiguous(),
+               coef_x.contiguous(),       coef_v.contiguous(), std.contiguous(), {}};
+  auto& p = in.problem;
+  p.batch = batch;
+  p.numel = batch == 0 ? 0 : sample.numel() / batch;
+  p.latent_dtype = to_dtype(sample, "sample");
+  p.output_dtype = to_dtype(model_output, "model_output");
+  p.model_output = in.model_output.data_ptr();
+  p.sample = in.sample.data_ptr();
+  p.coef_x = in.coef_x.data_ptr();
+  p.coef_v = in.coef_v.data_ptr();
+  return in;
+}
+
+// logp_b = -(sumsq_b / n) / (2 std_b^2) - log(std_b) - log(2 pi) / 2, in double, then cast.
+inline at::Tensor log_prob_from_sumsq(const at::Tensor& sumsq, const at::Tensor& std, int64_t numel) {
+  const auto s = std.to(at::kDouble);
+  auto logp = -(sumsq / static_cast<double>(numel)) / (2.0 * s * s) - at::log(s) - kHalfLogTwoPi;
+  return logp.to(std.scalar_type());
+}
+
+// d logp_b / d v = coef_v_b * (prev - mean) / (std_b^2 n): the per-sample factor times grad_b.
+inline at::Tensor grad_scale(const at::Tensor& grad_logp, const SdeInputs& in) {
+  TORCH_CHECK(grad_logp.dim() == 1 && grad_logp.size(0) == in.problem.batch, "grad_logp must have shape (",
+              in.problem.batch, ",), got ", grad_logp.sizes());
+  const auto s = in.std.to(at::kDouble);
+  return (grad_logp.to(in.std.device(), at::kDouble) * in.coef_v.to(at::kDouble) /
+          (s * s * static_cast<double>(in.problem.numel)))
+      .to(in.std.scalar_type())
+      .contiguous();
+}
+
+// Checked loss inputs converted to the compute dtype (float32, or float64).
+struct LossInputs {
+  at::Tensor new_logp, old_logp, adv;
+  at::ScalarType dtype;
+  int64_t n;
+};
+
+inline LossInputs prepare_loss(const at::Tensor& new_logp, const at::Tensor& old_logp, const at::Tensor& advantages,
+                               double clip_range, at::DeviceType device) {
+  for (const auto& [t, name] : {std::pair{&new_logp, "new_logp"}, {&old_logp, "old_logp"}, {&advantages, "advantages"}}) {
+    check_device(*t, name, device, new_logp);
+    TORCH_CHECK(t->dim() == 1, name, " must be 1-D (N,), got shape ", t->sizes());
+    to_dtype(*t, name);
+  }
+  TORCH_CHECK(old_logp.sizes() == new_logp.sizes() && advantages.sizes() == new_logp.sizes(), "new_logp ",
+              new_logp.sizes(), ", old_logp ", old_logp.sizes(), " and advantages ", advantages.sizes(),
+              " must have the same shape (N,)");
+  TORCH_CHECK(clip_range > 0, "clip_range must be > 0, got ", clip_range);
+  const auto acc = at::promote_types(at::promote_types(new_logp.scalar_type(), old_logp.scalar_type()), at::kFloat);
+  const auto n = new_logp.size(0);
+  TORCH_CHECK(n > 0, "the clipped loss needs at least one element, got N = 0");
+  return {new_logp.to(acc).contiguous(), old_logp.to(acc).contiguous(), advantages.to(acc).contiguous(), acc, n};
+}
+
+}  // namespace binding
+}  // namespace dancegrpo

@@ -10,8 +10,15 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extras="${1:-}"
 stamp=".venv/.dancegrpo-installed${extras:+-$extras}"
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ]; then
-  echo "[setup] installing dancegrpo${extras:+[$extras]} with pinned versions (constraints.txt)"
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".${extras:+[$extras]}"
+# Reinstall when the package description, the pins or the extension sources changed.
+changed_sources="$(find csrc -type f -newer "$stamp" 2>/dev/null | head -n 1 || true)"
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] || [ -n "$changed_sources" ]; then
+  pip_install=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
+  # The C++ extension of dancegrpo.ops compiles against torch, so torch comes first and the
+  # package is built without pip's build isolation (which would hide torch from setup.py).
+  echo "[setup] installing torch and the build tools (pinned versions, constraints.txt)"
+  "${pip_install[@]}" torch setuptools wheel
+  echo "[setup] installing dancegrpo${extras:+[$extras]} and building its C++ extension (about a minute)"
+  "${pip_install[@]}" --no-build-isolation -e ".${extras:+[$extras]}"
   touch "$stamp"
 fi

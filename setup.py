@@ -35,7 +35,7 @@ def fused_op_extensions():
         return [], {}
     build = runpy.run_path(str(HERE / "csrc" / "build.py"))
     rel = lambda paths: [os.path.relpath(p, HERE) for p in paths]  # noqa: E731  setuptools wants relative paths
-    include_dirs = rel(build["INCLUDE_DIRS"])
+    include_dirs = build["INCLUDE_DIRS"]  # absolute: the compiler runs in a build directory
     extensions = [cpp_extension.CppExtension(
         build["CPU_EXTENSION"], rel(build["cpu_sources"]()), include_dirs=include_dirs,
         extra_compile_args={"cxx": build["cpu_compile_args"]()}, extra_link_args=build["cpu_link_args"]())]

@@ -6,7 +6,7 @@ import torch
 from diffusers import FluxTransformer2DModel
 
 from dancegrpo.models import load_model
-from dancegrpo.models.toy_flux import (ToyFluxGenerator, latents_to_pixels, pack_latents, pixels_to_latents,
+from dancegrpo.models.toy_flux import (ToyFluxGenerator, build_toy_flux, latents_to_pixels, pack_latents, pixels_to_latents,
                                        unpack_latents)
 
 
@@ -69,3 +69,18 @@ def test_embedded_checkpoint_is_committed_and_loads():
                        .joinpath("model_index.json").read_text())
     assert index["image_size"] == model.image_size == 32
     assert model_dir.joinpath("pretrain_config.yaml").is_file()
+
+
+def test_small_native_size_round_trips_and_decodes_to_output_size(tmp_path):
+    from conftest import TINY_TEXT, TINY_TRANSFORMER
+    model = build_toy_flux(seed=3, image_size=16, output_size=32, transformer_overrides=TINY_TRANSFORMER,
+                           text_overrides=TINY_TEXT)
+    model.save_pretrained(tmp_path)
+    loaded = ToyFluxGenerator.from_pretrained(tmp_path)
+    assert (loaded.image_size, loaded.output_size, loaded.latent_shape()) == (16, 32, (12, 8, 8))
+    latents = torch.randn(2, 12, 8, 8)
+    small = latents_to_pixels(latents)
+    expected = torch.nn.functional.interpolate(small, size=32, mode="bicubic", align_corners=False).clamp(0, 1)
+    assert torch.equal(loaded.decode(latents), expected)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        build_toy_flux(image_size=18)

@@ -232,6 +232,23 @@ def test_checker_accepts_rendered_ground_truth(ground_truth):
     assert torch.equal(result.score == 1, result.correct)
 
 
+def test_checker_reads_16px_ground_truth_through_the_toy_decoder():
+    """The embedded generator works at 16x16 and decodes with a bicubic 2x upsampling: the
+    checker must accept ground truth rendered at 16x16 and passed through that same decode."""
+    from dancegrpo.models.toy_flux import build_toy_flux, pixels_to_latents
+    decoder = build_toy_flux(image_size=16, output_size=32, transformer_overrides=dict(
+        num_layers=1, num_single_layers=0, attention_head_dim=8, num_attention_heads=1, joint_attention_dim=8,
+        pooled_projection_dim=8, axes_dims_rope=(2, 2, 4)), text_overrides=dict(dim=8, num_heads=1, ff_dim=8))
+    prompts = scenes.all_prompts()
+    small = scenes.render_batch(prompts, torch.Generator().manual_seed(7), size=16)
+    images = decoder.decode(pixels_to_latents(small))
+    assert images.shape == (len(prompts), 3, 32, 32)
+    result = scenes.check(images, prompts)
+    kinds = [_kind(p) for p in prompts]
+    per_kind = {k: result.correct[[x == k for x in kinds]].float().mean().item() for k in scenes.KINDS}
+    assert result.correct.float().mean().item() >= 0.98 and min(per_kind.values()) >= 0.95, per_kind
+
+
 def test_checker_tolerates_blur_and_pixel_noise(ground_truth):
     """Generator samples are soft and noisy: degraded ground truth must still pass."""
     prompts, images, _ = ground_truth

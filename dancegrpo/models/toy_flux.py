@@ -5,8 +5,11 @@ It goes through the same code path as FLUX.1-dev: diffusers' FluxTransformer2DMo
 pooled text projections, embedded guidance, and a sigma-valued timestep.
 
 Differences from FLUX, chosen so it trains and samples in seconds on a CPU:
-- "latents" are pixels: a 32x32 RGB image in [-1, 1] rearranged space-to-depth into a
-  12x16x16 tensor, so decode is a fixed pixel-shuffle instead of a VAE;
+- "latents" are pixels: a small RGB image (`image_size`, 16 for the committed model) in
+  [-1, 1] rearranged space-to-depth into a 12 x image_size/2 x image_size/2 tensor, so
+  decode is a fixed pixel-shuffle plus a bicubic upsampling to `output_size` (32) instead
+  of a VAE. A small latent matters for RL: the policy gradient's noise grows with the
+  number of latent elements;
 - the text encoder is a word-level embedding plus one transformer layer (the real
   model's CLIP and T5 are replaced, not emulated).
 
@@ -139,11 +142,15 @@ class ToyFluxGenerator(nn.Module):
     prediction = "flow"
 
     def __init__(self, transformer: FluxTransformer2DModel, text_encoder: ToyTextEncoder,
-                 image_size: int = 32, guidance_scale: float = 1.0):
+                 image_size: int = 32, guidance_scale: float = 1.0, output_size: int | None = None):
         super().__init__()
         self.transformer = transformer
         self.text_encoder = text_encoder.requires_grad_(False).eval()
+        if image_size % 4:
+            raise ValueError(f"toy_flux image_size must be a multiple of 4 (2x2 space-to-depth, then 2x2 "
+                             f"packing), got {image_size}")
         self.image_size = image_size
+        self.output_size = output_size or image_size
         self.guidance_scale = guidance_scale
         self.latent_channels = transformer.config.in_channels // 4
         h = image_size // 2
@@ -181,14 +188,18 @@ class ToyFluxGenerator(nn.Module):
         return unpack_latents(out, c, h, w)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return latents_to_pixels(latents)
+        pixels = latents_to_pixels(latents)
+        if self.output_size != self.image_size:
+            pixels = F.interpolate(pixels, size=self.output_size, mode="bicubic", align_corners=False).clamp(0, 1)
+        return pixels
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         directory = Path(directory)
         self.transformer.save_pretrained(directory / "transformer")
         self.text_encoder.save_pretrained(directory / "text_encoder")
         (directory / "model_index.json").write_text(json.dumps(
-            {"_class_name": "ToyFluxGenerator", "image_size": self.image_size}, indent=2))
+            {"_class_name": "ToyFluxGenerator", "image_size": self.image_size, "output_size": self.output_size},
+            indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike = "", guidance_scale: float = 1.0) -> "ToyFluxGenerator":
@@ -199,16 +210,17 @@ class ToyFluxGenerator(nn.Module):
                 f"{directory} is not a toy_flux checkpoint: missing {index}. Expected layout: "
                 "model_index.json, transformer/{config.json,diffusion_pytorch_model.safetensors}, "
                 "text_encoder/{config.json,model.safetensors}")
-        image_size = json.loads(index.read_text())["image_size"]
+        meta = json.loads(index.read_text())
         transformer = FluxTransformer2DModel.from_pretrained(directory, subfolder="transformer")
         text_encoder = ToyTextEncoder.from_pretrained(directory / "text_encoder")
-        return cls(transformer, text_encoder, image_size=image_size, guidance_scale=guidance_scale)
+        return cls(transformer, text_encoder, image_size=meta["image_size"], guidance_scale=guidance_scale,
+                   output_size=meta.get("output_size"))
 
 
 def build_toy_flux(seed: int = 0, image_size: int = 32, transformer_overrides: dict | None = None,
-                   text_overrides: dict | None = None) -> ToyFluxGenerator:
+                   text_overrides: dict | None = None, output_size: int | None = None) -> ToyFluxGenerator:
     """A freshly initialised toy model (random weights), e.g. for pretraining or tests."""
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(**{**DEFAULT_TRANSFORMER_CONFIG, **(transformer_overrides or {})})
     text_encoder = ToyTextEncoder(**{**DEFAULT_TEXT_CONFIG, **(text_overrides or {})})
-    return ToyFluxGenerator(transformer, text_encoder, image_size=image_size)
+    return ToyFluxGenerator(transformer, text_encoder, image_size=image_size, output_size=output_size)

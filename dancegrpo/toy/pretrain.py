@@ -42,6 +42,8 @@ class PretrainConfig:
     init_from: str | None = None  # start from this checkpoint's weights (a second stage)
     decay_steps: int = 0  # cosine-decay the LR to 0 over the last N steps (0 = constant after warmup)
     ema_decay: float | None = None  # save an exponential moving average of the weights instead of the last ones
+    image_size: int = 32  # the generator's native resolution; scenes are rendered at this size
+    output_size: int | None = None  # decode upsamples to this (None = image_size); the checker sees it
     transformer: dict = field(default_factory=dict)  # overrides of DEFAULT_TRANSFORMER_CONFIG
     text_encoder: dict = field(default_factory=dict)  # overrides of DEFAULT_TEXT_CONFIG
 
@@ -73,7 +75,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     if cfg.init_from:
         model = ToyFluxGenerator.from_pretrained(cfg.init_from)
     else:
-        model = build_toy_flux(seed=cfg.seed, transformer_overrides=cfg.transformer, text_overrides=cfg.text_encoder)
+        model = build_toy_flux(seed=cfg.seed, image_size=cfg.image_size, output_size=cfg.output_size,
+                               transformer_overrides=cfg.transformer, text_overrides=cfg.text_encoder)
     model.text_encoder.requires_grad_(True).train()
     params = list(model.transformer.parameters()) + list(model.text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -83,7 +86,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     start = time.time()
     picks = torch.randint(len(prompts), (cfg.dataset_size,), generator=generator)
     data_prompts = [prompts[i] for i in picks]
-    data_images = torch.cat([scenes.render_batch(data_prompts[i: i + 512], generator)
+    data_images = torch.cat([scenes.render_batch(data_prompts[i: i + 512], generator, size=model.image_size)
                              for i in tqdm(range(0, cfg.dataset_size, 512), desc="render scenes", disable=not progress)])
     bar = tqdm(range(cfg.steps), desc="pretrain toy_flux", dynamic_ncols=True, disable=not progress)
     for step in bar:

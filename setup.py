@@ -78,7 +78,9 @@ setup(
     ],
     extras_require={
         # triton runs its kernels under the interpreter on a CPU (TRITON_INTERPRET=1) for tests
-        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "triton>=3.0", "pybind11>=2.12"],
+        "test": ["pytest>=8", "pytest-xdist>=3", "pytest-benchmark>=4", "triton>=3.0", "pybind11>=2.12", "av>=12"],
+        # MP4 output of `dancegrpo sample` (PyAV bundles ffmpeg); without it videos are written as GIFs
+        "video": ["av>=12"],
     },
     entry_points={"console_scripts": ["dancegrpo=dancegrpo.cli:main"]},
     ext_modules=ext_modules,

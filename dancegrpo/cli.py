@@ -43,18 +43,14 @@ def _sample(args) -> int:
     for i, (prompt, sample) in enumerate(zip(args.prompt, images)):
         stem = out / f"{i:03d}_{prompt.replace(' ', '_').replace('/', '_')[:60]}"
         upscale = args.upscale or (8 if max(sample.shape[-2:]) <= 64 else 1)  # tiny toy images get enlarged
-        frames = [_to_pil(frame, upscale) for frame in (sample if sample.dim() == 4 else sample[None])]
         if sample.dim() == 3:
-            frames[0].save(f"{stem}.png")
+            _to_pil(sample, upscale).save(f"{stem}.png")
             print(f"{stem}.png")
             continue
-        # Video: no MP4 writer ships with the dependencies (imageio/av are not installed), so
-        # write the frames as PNGs and an animated GIF.
-        stem.mkdir(exist_ok=True)
-        for t, frame in enumerate(frames):
-            frame.save(stem / f"frame_{t:04d}.png")
-        frames[0].save(f"{stem}.gif", save_all=True, append_images=frames[1:], duration=round(1000 / args.fps), loop=0)
-        print(f"{stem}.gif ({len(frames)} frames in {stem}/)")
+        # Video (frames, C, H, W): MP4 with PyAV, else PNG frames + GIF (dancegrpo.video_io)
+        from .video_io import save_video
+        written = save_video(stem, sample, fps=args.fps, upscale=upscale)
+        print(f"{written} ({sample.shape[0]} frames)")
     return 0
 
 
@@ -97,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     train.set_defaults(func=_train)
 
-    sample = sub.add_parser("sample", help="write PNG images, or PNG frames + GIF for videos (ODE sampler), for prompts")
+    sample = sub.add_parser("sample", help="write PNG images or MP4 videos (GIF without PyAV) for prompts (ODE sampler)")
     sample.add_argument("--config", default="configs/quickstart.yaml")
     sample.add_argument("--set", action="append", metavar="KEY=VALUE")
     sample.add_argument("--checkpoint", help="a run folder or checkpoint directory; default: the base model")
@@ -105,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--out", default="samples")
     sample.add_argument("--upscale", type=int, default=None,
                         help="nearest-neighbour upscale (default: 8 for images up to 64 px, else 1)")
-    sample.add_argument("--fps", type=float, default=8.0, help="frame rate of video GIFs")
+    sample.add_argument("--fps", type=float, default=8.0, help="frame rate of videos")
     sample.set_defaults(func=_sample)
 
     pre = sub.add_parser("preprocess", help="encode a prompt file with the model's text encoders into a prompt cache")

@@ -196,6 +196,8 @@ class TrainerConfig:
     keep_last: int = 2               # checkpoints kept on disk
     eval_every: int = 0              # 0 = only before and after training
     log_every: int = 1
+    overlap_rewards: bool = False    # decode and score each rollout chunk on a worker thread (a
+                                     # CUDA side stream on GPU) while the next chunk samples
 
     def validate(self) -> list[str]:
         betas_ok = len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas)

@@ -9,6 +9,7 @@ exactly 1 (a model's float output depends on the batch it runs in).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -36,8 +37,13 @@ def chunk_indices(num_samples: int, chunk_size: int, device=None) -> list[torch.
 
 @torch.no_grad()
 def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Tensor, chunk_size: int,
-                generator: torch.Generator | None = None, reduce: str = "mean", progress=None) -> Rollout:
-    """Sample all trajectories; chunk by chunk, all steps of a chunk in a row."""
+                generator: torch.Generator | None = None, reduce: str = "mean", progress=None,
+                on_chunk_done: Callable[[torch.Tensor, torch.Tensor], None] | None = None) -> Rollout:
+    """Sample all trajectories; chunk by chunk, all steps of a chunk in a row.
+
+    `on_chunk_done(rows, final_latents)` is called as each chunk finishes, in order, with a
+    copy of its final latents (e.g. to start scoring it while the next chunk samples).
+    """
     num_samples, steps = initial_latents.shape[0], sampler.num_steps
     latents = initial_latents.new_empty((num_samples, steps + 1, *initial_latents.shape[1:]))
     latents[:, 0] = initial_latents
@@ -60,6 +66,8 @@ def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Ten
                     else:  # an ODE step outside the SDE window: no noise, no log-prob
                         x = mean.to(x.dtype)
                     latents[rows, i + 1] = x
+            if on_chunk_done is not None:
+                on_chunk_done(rows, latents[rows, -1])  # indexing by rows copies: later writes cannot reach it
             if progress is not None:
                 progress.update(1)
     return Rollout(latents=latents, log_probs=log_probs, chunks=chunks)

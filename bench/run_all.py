@@ -46,8 +46,12 @@ def run_ops(short: bool) -> list[dict]:
     return _rows_after(OPS_CSV, before)
 
 
-def _this_commit(rows: list[dict]) -> list[dict]:
-    return [r for r in rows if r.get("commit") == commit()]
+def _latest_run(rows: list[dict]) -> list[dict]:
+    """Rows of the newest date in the file (others may commit in between, so not by commit)."""
+    if not rows:
+        return []
+    newest = max(r.get("date", "") for r in rows)
+    return [r for r in rows if r.get("date", "") == newest]
 
 
 def ops_table(rows: list[dict]) -> str:
@@ -72,12 +76,12 @@ def ops_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def e2e_table(row: dict) -> str:
-    return "\n".join([
-        "| config | samples/iteration | ours s/it | reference loop s/it | speed-up |",
-        "|---|---|---|---|---|",
-        f"| {row['config']} | {row['samples_per_iteration']} | {row['ours_s_per_it']} | "
-        f"{row['reference_s_per_it']} | {row['speedup']}x |"])
+def e2e_table(rows: list[dict]) -> str:
+    lines = ["| config | samples/iteration | device | load average | ours s/it | reference loop s/it | speed-up |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['samples_per_iteration']} | {r['device']} | {r['load_average']} | "
+              f"{r['ours_s_per_it']} | {r['reference_s_per_it']} | {r['speedup']}x |" for r in rows]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -91,27 +95,28 @@ def main(argv=None) -> int:
 
     load_before = load_average()
     sections = []
-    # A skipped part is summarised from this commit's latest results, so the suite can run in pieces.
-    ops_rows = _this_commit(plot.latest_rows(OPS_CSV)) if args.skip_ops and OPS_CSV.exists() else (
+    # A skipped part is summarised from its newest stored results, so the suite can run in pieces.
+    ops_rows = _latest_run(plot.latest_rows(OPS_CSV)) if args.skip_ops and OPS_CSV.exists() else (
         [] if args.skip_ops else run_ops(args.short))
     if ops_rows:
         plot.main(["--csv", str(OPS_CSV), "--out", str(RESULTS)])
         sections += ["## Fused ops (median time per call)", "", ops_table(ops_rows), "",
                      "Plots: `bench/results/sde_step.png`, `bench/results/clipped_loss.png`. GB/s counts the bytes "
                      "the fused kernel moves (same numerator for every backend).", ""]
-    row = None
+    e2e_rows = []
     if not args.skip_e2e:
-        row = e2e.main(["--iterations", str(args.e2e_iterations), *(["--short"] if args.short or args.e2e_short else [])])
+        e2e_rows = [e2e.main(["--iterations", str(args.e2e_iterations),
+                              *(["--short"] if args.short or args.e2e_short else [])])]
     elif (RESULTS / "e2e.csv").exists():
-        previous = _this_commit(_rows_after(RESULTS / "e2e.csv", 0))
-        row = previous[-1] if previous else None
-    if row is not None:
-        sections += ["## End to end (time per training iteration)", "", e2e_table(row), "",
+        e2e_rows = _latest_run(_rows_after(RESULTS / "e2e.csv", 0))
+    if e2e_rows:
+        sections += ["## End to end (time per training iteration)", "", e2e_table(e2e_rows), "",
                      "Reference loop: the published implementation's structure on the same model, config and "
                      "machine (bench/README.md).", ""]
-    device = ops_rows[0]["device"] if ops_rows else (row["device"] if row else "")
+    device = ops_rows[0]["device"] if ops_rows else (e2e_rows[0]["device"] if e2e_rows else "")
     header = [f"# Benchmark summary ({'short' if args.short else 'full'} run)", "",
-              f"Device: {device}. Date: {today()}. Commit: {commit()}. "
+              f"Device: {device}. Date: {today()}. Summary written at commit {commit()} (ops.csv and e2e.csv "
+              "record the commit of each measurement). "
               f"Load average (1/5/15 min) before: {load_before}; after: {load_average()}.", ""]
     text = "\n".join(header + sections)
     (RESULTS / "summary.md").write_text(text)

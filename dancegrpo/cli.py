@@ -2,6 +2,7 @@
 
     dancegrpo train --config configs/quickstart.yaml [--set trainer.lr=3e-5 ...] [--resume]
     dancegrpo sample --config configs/quickstart.yaml --checkpoint runs/quickstart --prompt "a red circle"
+    dancegrpo eval --config configs/quickstart.yaml --checkpoint runs/quickstart [--prompts toy:eval] [--seeds 4]
     dancegrpo preprocess --model flux --path data/flux --prompts prompts.txt --out data/flux_cache
 """
 from __future__ import annotations
@@ -28,15 +29,11 @@ def _train(args) -> int:
 
 
 def _sample(args) -> int:
-    from .checkpoint import latest_checkpoint, load_checkpoint
+    from .eval.evaluate import load_checkpoint_weights
     from .trainer import Trainer
     trainer = Trainer(args.config, overrides=list(args.set or []))
     if args.checkpoint:
-        path = Path(args.checkpoint)
-        path = latest_checkpoint(path) if (path / "checkpoints").is_dir() else path
-        if path is None:
-            raise SystemExit(f"no checkpoint found under {args.checkpoint}")
-        load_checkpoint(path, model=trainer.policy, restore_global_rng=False)
+        load_checkpoint_weights(trainer, args.checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     images = trainer.evaluate(prompts=args.prompt, return_images=True)["images"]
@@ -51,6 +48,17 @@ def _sample(args) -> int:
         from .video_io import save_video
         written = save_video(stem, sample, fps=args.fps, upscale=upscale)
         print(f"{written} ({sample.shape[0]} frames)")
+    return 0
+
+
+def _eval(args) -> int:
+    from .eval.evaluate import run_eval
+    report = run_eval(args.config, checkpoints=args.checkpoint or [], prompts=args.prompts,
+                      include_base=args.include_base, seeds=args.seeds, out_dir=args.out,
+                      overrides=list(args.set or []))
+    print(report.table)
+    for kind, path in report.files.items():
+        print(f"{kind}: {path}")
     return 0
 
 
@@ -104,6 +112,20 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--fps", type=float, default=8.0, help="frame rate of videos")
     sample.set_defaults(func=_sample)
 
+    ev = sub.add_parser("eval", help="held-out metrics (ODE sampler) of the base and checkpoints side by side: "
+                                     "console table, CSV, bar chart")
+    ev.add_argument("--config", default="configs/quickstart.yaml")
+    ev.add_argument("--set", action="append", metavar="KEY=VALUE")
+    ev.add_argument("--prompts", help="prompt file (one a line) or toy:eval; default: the config's data.eval_prompts")
+    ev.add_argument("--checkpoint", action="extend", nargs="+", metavar="PATH",
+                    help="a run folder (its newest checkpoint) or a checkpoint folder; several to compare")
+    ev.add_argument("--include-base", dest="include_base", action="store_true", default=True,
+                    help="evaluate the base model too (default)")
+    ev.add_argument("--no-base", dest="include_base", action="store_false", help="only the checkpoints")
+    ev.add_argument("--seeds", type=int, default=1, help="noise draws per prompt (default 1)")
+    ev.add_argument("--out", default="eval_results", help="folder for eval.csv, eval.json, eval.png")
+    ev.set_defaults(func=_eval)
+
     pre = sub.add_parser("preprocess", help="encode a prompt file with the model's text encoders into a prompt cache")
     pre.add_argument("--model", required=True, help="sd14 | flux | hunyuan_video | skyreels_i2v")
     pre.add_argument("--path", required=True, help="the model's diffusers checkpoint directory")
@@ -120,12 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Errors reported in one line (exit 2), not a traceback. Evaluated only when one is raised,
+    so `dancegrpo --help` does not import torch (which dancegrpo.checkpoint does)."""
+    from .checkpoint import CheckpointError
+    return ConfigError, CheckpointError, FileNotFoundError, ValueError
+
+
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
+    except _user_errors() as err:
         print(f"dancegrpo: error: {err}", file=sys.stderr)
         return 2
 

@@ -462,11 +462,16 @@ def estimate_recipe(path: str | Path, prompts_per_device: int | None = None, ove
             f"{samples} samples x {steps + 1} x {latent} x 4 B"),
         Row("rollout log-probs", 4 * samples * steps, f"{samples} x {steps} x 4 B"),
         Row("conditioning per sample", samples * _cond_bytes(name, options),
-            f"{samples} x {_cond_bytes(name, options) / 2 ** 20:.2f} MiB (cache dtype bf16; CFG adds the empty prompt's)"),
+            f"{samples} x {_cond_bytes(name, options) / 2 ** 20:.2f} MiB, as the prompt cache stores it "
+            "(CFG: plus the empty prompt's)"),
     ]
     pixels = 3 * height * width * max(frames, 1)
-    est.decoded = Row("decoded pixels for the rewards (fp32)", 4 * samples * pixels,
-                      f"{samples} x {pixels} x 4 B (all samples decoded before scoring)")
+    if getattr(t, "overlap_rewards", False):   # one chunk decoded and scored at a time
+        est.decoded = Row("decoded pixels for the rewards (fp32)", 4 * micro * pixels,
+                          f"{micro} x {pixels} x 4 B (trainer.overlap_rewards: one chunk at a time)")
+    else:
+        est.decoded = Row("decoded pixels for the rewards (fp32)", 4 * samples * pixels,
+                          f"{samples} x {pixels} x 4 B (all samples decoded before scoring)")
     for checkpointing in (False, True):
         est.activations[checkpointing] = measure_denoiser(name, spec.denoiser_config, options, micro, checkpointing)
     return est

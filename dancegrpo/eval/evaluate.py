@@ -223,6 +223,9 @@ def plot_metrics(rows: list[EvalRow], path: str | Path) -> Path:
         ax.set_xticks(range(len(rows)), [row.label for row in rows], rotation=30, ha="right", fontsize=7)
         ax.set_title(name, fontsize=9)
         ax.margins(y=0.15)
+        tops = [v + e for v, e in zip(values, spread) if math.isfinite(v)]
+        if tops and min(v for v in values if math.isfinite(v)) >= 0:  # bars from zero; a visible axis if all are 0
+            ax.set_ylim(0, 1.15 * max(tops) if max(tops) > 0 else 1.0)
     fig.suptitle("held-out evaluation (ODE sampler, same noise per row)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -122,7 +122,8 @@ def main(argv=None) -> str:
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args(argv)
     result = run(args.config, args.iterations, args.warmup, args.overrides, args.reward_delay)
-    command = "python -m bench.overlap " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python -m bench.overlap " + " ".join(shlex.quote(a) for a in given)
     text = markdown(result, command.strip(), args.config, args.overrides)
     print(text)
     if args.out:

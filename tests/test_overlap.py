@@ -36,7 +36,8 @@ def raises_on_some_samples(images, prompts):
 
 
 def _run_iteration(config: dict, overlap: bool, rewards: dict) -> dict:
-    """One iteration (the user rewards join the configured ones); returns its metrics, the rewards and advantages the update saw, the weights."""
+    """One iteration (the user rewards join the configured ones); returns its metrics, the
+    advantages and validity the update saw, the rollout latents and the weights after it."""
     config = {**config, "trainer": {**config["trainer"], "overlap_rewards": overlap}}
     trainer = Trainer(config, rewards=rewards)
     seen = {}

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from . import sde
+from . import ops, sde
 from .models.base import Conditioning, index_cond
 from .profiling import nvtx_range
 
@@ -58,13 +58,11 @@ def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Ten
                 with nvtx_range("denoise_step"):
                     step = torch.full((len(rows),), i, device=x.device, dtype=torch.long)
                     out = adapter.predict(x, sampler.model_time(step), chunk_cond)
-                    mean, std = sampler.mean_std(out, x, step)
                     if stochastic[i]:
                         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-                        x, log_probs[rows, i] = sde.sde_step_with_log_prob(mean, std, noise=noise, reduce=reduce,
-                                                                           dtype=x.dtype)
+                        x, log_probs[rows, i] = _sde_step(sampler, out, x, step, reduce, noise=noise)
                     else:  # an ODE step outside the SDE window: no noise, no log-prob
-                        x = mean.to(x.dtype)
+                        x = sampler.mean_std(out, x, step)[0].to(x.dtype)
                     latents[rows, i + 1] = x
             if on_chunk_done is not None:
                 on_chunk_done(rows, latents[rows, -1])  # indexing by rows copies: later writes cannot reach it
@@ -73,17 +71,28 @@ def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Ten
     return Rollout(latents=latents, log_probs=log_probs, chunks=chunks)
 
 
+def _sde_step(sampler, out, x, step, reduce: str, noise=None, prev_sample=None):
+    """(next latent, log-prob) of a stochastic step: the fused op (one pass over memory,
+    analytic backward) for the mean log-prob, the plain torch math for the sum. Rollout and
+    training both come here, so they share one computation and the first ratio is exactly 1."""
+    if reduce == "mean":
+        return ops.sampler_step(sampler, out, x, step, noise=noise, prev_sample=prev_sample)
+    mean, std = sampler.mean_std(out, x, step)
+    return sde.sde_step_with_log_prob(mean, std, noise=noise, prev_sample=prev_sample, reduce=reduce, dtype=x.dtype)
+
+
 def step_log_prob(adapter, sampler, latents: torch.Tensor, rows: torch.Tensor, step: int, cond: Conditioning,
-                  reduce: str = "mean", eta: float | None = None):
+                  reduce: str = "mean", with_moments: bool = False):
     """Log-prob of the recorded step `step` for samples `rows`, with gradients.
 
-    Returns (log_prob, mean, std) so callers can add a KL term on the mean.
+    Returns (log_prob, mean, std); mean and std (for a KL term) only when `with_moments`,
+    else None.
     """
     x, x_next = latents[rows, step], latents[rows, step + 1]
     steps = torch.full((len(rows),), step, device=x.device, dtype=torch.long)
     out = adapter.predict(x, sampler.model_time(steps), cond)
-    mean, std = sampler.mean_std(out, x, steps, eta=eta)
-    _, log_prob = sde.sde_step_with_log_prob(mean, std, prev_sample=x_next, reduce=reduce)
+    _, log_prob = _sde_step(sampler, out, x, steps, reduce, prev_sample=x_next)
+    mean, std = sampler.mean_std(out, x, steps) if with_moments else (None, None)
     return log_prob, mean, std
 
 

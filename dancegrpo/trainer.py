@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
-from . import grpo
+from . import grpo, ops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config, save_config
 from .eval.report import save_eval_images, write_report
@@ -310,45 +310,47 @@ class Trainer:
             denom = sum(int(valid_host[rows.cpu()].sum()) for rows, _ in micro_batches)
             if denom == 0:
                 continue
-            self.optimizer.zero_grad(set_to_none=True)
-            update_loss = zero.clone()
-            for rows, step in micro_batches:
-                n = int(valid_host[rows.cpu()].sum())
-                if n == 0:
-                    continue
-                mask = valid[rows]
-                with nvtx_range("train_step"), self._autocast():
-                    logp, mean, std = step_log_prob(self.adapter, self.sampler, rollout.latents, rows, step,
-                                                    index_cond(cond, rows), g.logprob_reduce)
-                    old = rollout.log_probs[rows, step]
-                    out = grpo.clipped_ratio_loss(logp[mask], old[mask], advantages[rows][mask],
-                                                  g.clip_range, g.adv_clip_max)
-                    loss = out.loss
-                    if self.reference is not None:
-                        kl = self._kl_to_reference(rollout, rows, step, cond, mean, std)[mask].mean()
-                        loss = loss + g.kl_coef * kl
-                        stats["kl"] += kl.detach() * n
-                (loss * (n / denom)).backward()
-                if u == 0:
-                    stats["first_dev"] = torch.maximum(stats["first_dev"], (logp.detach() - old).abs().max())
-                update_loss += loss.detach() * (n / denom)
-                ratio = out.ratio.detach().float()
-                stats["ratio_sum"] += ratio.sum()
-                stats["ratio_min"] = torch.minimum(stats["ratio_min"], ratio.min())
-                stats["ratio_max"] = torch.maximum(stats["ratio_max"], ratio.max())
-                stats["clipped"] += out.clip_fraction.detach() * n
-                count += n
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.trainer.grad_clip or math.inf)
-            if not torch.isfinite(grad_norm):
-                # One bad batch must not poison the weights of a long run: drop the update, count it.
-                log.warning("iteration %d update %d: non-finite grad norm, update skipped", self.iteration, u)
-                skipped += 1
+            with nvtx_range("update"):
                 self.optimizer.zero_grad(set_to_none=True)
-                continue
-            self.optimizer.step()
-            self._update_ema()
-            grad_norms.append(grad_norm.detach())
-            stats["loss"] += update_loss
+                update_loss = zero.clone()
+                for rows, step in micro_batches:
+                    n = int(valid_host[rows.cpu()].sum())
+                    if n == 0:
+                        continue
+                    mask = valid[rows]
+                    with nvtx_range("train_step"), self._autocast():
+                        logp, mean, std = step_log_prob(self.adapter, self.sampler, rollout.latents, rows, step,
+                                                        index_cond(cond, rows), g.logprob_reduce,
+                                                        with_moments=self.reference is not None)
+                        old = rollout.log_probs[rows, step]
+                        out = ops.fused_clipped_loss(logp[mask], old[mask], advantages[rows][mask],
+                                                     g.clip_range, g.adv_clip_max)
+                        loss = out.loss
+                        if self.reference is not None:
+                            kl = self._kl_to_reference(rollout, rows, step, cond, mean, std)[mask].mean()
+                            loss = loss + g.kl_coef * kl
+                            stats["kl"] += kl.detach() * n
+                    (loss * (n / denom)).backward()
+                    if u == 0:
+                        stats["first_dev"] = torch.maximum(stats["first_dev"], (logp.detach() - old).abs().max())
+                    update_loss += loss.detach() * (n / denom)
+                    ratio = out.ratio.detach().float()
+                    stats["ratio_sum"] += ratio.sum()
+                    stats["ratio_min"] = torch.minimum(stats["ratio_min"], ratio.min())
+                    stats["ratio_max"] = torch.maximum(stats["ratio_max"], ratio.max())
+                    stats["clipped"] += out.clip_fraction.detach() * n
+                    count += n
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.trainer.grad_clip or math.inf)
+                if not torch.isfinite(grad_norm):
+                    # One bad batch must not poison the weights of a long run: drop the update, count it.
+                    log.warning("iteration %d update %d: non-finite grad norm, update skipped", self.iteration, u)
+                    skipped += 1
+                    self.optimizer.zero_grad(set_to_none=True)
+                    continue
+                self.optimizer.step()
+                self._update_ema()
+                grad_norms.append(grad_norm.detach())
+                stats["loss"] += update_loss
         host = {k: v.item() for k, v in stats.items()}
         if host["first_dev"] > 0:
             log.warning("iteration %d: first-update log-prob deviation %.3g (expected exactly 0): old and new "

@@ -71,6 +71,7 @@ FULL_YAML = textwrap.dedent("""\
       keep_last: 3
       eval_every: 10
       log_every: 2
+      overlap_rewards: true
     """)
 
 MINIMAL = {"data": {"train_prompts": "toy:train"}, "rewards": [{"name": "toy_reward"}]}

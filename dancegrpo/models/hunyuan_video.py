@@ -29,6 +29,7 @@ class HunyuanVideoOptions(GeneratorOptions):
     frames: int = 53                   # 4k+1 (the VAE compresses time 4x after the first frame); 1 = text-to-image
     guidance_scale: float = 6.018      # the authors pass guidance 6018.0 = 6.018 x 1000
     vae_tiling: bool = True            # diffusers' tiled (and frame-wise) VAE decode: bounded memory for video
+    sta: dict | None = None            # sliding-tile attention: {window | table, tile, full_attention_steps}; null = off
 
     def validate(self) -> list[str]:
         problems = super().validate()
@@ -36,6 +37,12 @@ class HunyuanVideoOptions(GeneratorOptions):
             problems.append(f"frames = {self.frames} must be >= 1")
         if self.guidance_scale < 0:
             problems.append(f"guidance_scale = {self.guidance_scale} must be >= 0")
+        if self.sta is not None:
+            from ..attention.hunyuan_processor import STAOptions
+            try:
+                problems += STAOptions.from_dict(self.sta).validate()
+            except (TypeError, ValueError) as exc:
+                problems.append(str(exc))
         return problems
 
 
@@ -53,6 +60,10 @@ class HunyuanVideoGenerator(DiffusersGenerator):
         if self.options.vae_tiling:
             self.vae.enable_tiling()
         self.latent_channels = self.vae.config.latent_channels
+        self.sta = None  # the STA controller; its set_schedule(sigmas) maps timesteps to steps
+        if self.options.sta is not None:
+            from ..attention.hunyuan_processor import install_sta
+            self.sta = install_sta(self.transformer, self.options.sta)
 
     @classmethod
     def check_before_loading(cls, root: Path, options, denoiser_config: dict, vae_config: dict) -> None:

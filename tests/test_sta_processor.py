@@ -118,9 +118,6 @@ def test_options_are_validated():
 def test_hunyuan_adapter_option_installs_sta(tmp_path):
     """model.options.sta on a tiny HunyuanVideo checkpoint: ODE rollouts equal the same
     checkpoint with the stock processor fed the dense STA mask."""
-    import sys
-    from pathlib import Path
-    sys.path.insert(0, str(Path(__file__).parent))
     from tiny_models import PROMPTS, build_hunyuan_video, write_prompts
 
     from dancegrpo.cli import main

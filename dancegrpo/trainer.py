@@ -164,6 +164,9 @@ class Trainer:
                                      sde_window=cfg.sampler.sde_window)
         self.eval_sampler = build_sampler(self.adapter.prediction, cfg.sampler.eval_num_steps or cfg.sampler.num_steps,
                                           0.0, cfg.sampler.shift, cfg.sampler.sde_form, device=self.device)
+        sta = getattr(self.adapter, "sta", None)
+        if sta is not None:  # sliding-tile attention picks its window by sampling step
+            sta.set_schedule(self.sampler.model_time(torch.arange(self.sampler.num_steps, device=self.device)))
         self.rewards = self._build_rewards(rewards or {})
         self.train_prompts = load_prompts(cfg.data.train_prompts)
         self.eval_prompts = load_prompts(cfg.data.eval_prompts)[: cfg.data.eval_num_prompts] if cfg.data.eval_prompts else []

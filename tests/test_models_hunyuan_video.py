@@ -136,3 +136,14 @@ def test_sample_command_writes_an_mp4(hunyuan, tmp_path):
     with av.open(str(next(out.glob("*.mp4")))) as video:
         frames = [frame.to_ndarray(format="rgb24") for frame in video.decode(video=0)]
     assert len(frames) == 5 and frames[0].shape == (32, 48, 3)
+
+
+def test_trainer_gives_sliding_tile_attention_its_step_schedule(hunyuan, tmp_path):
+    """full_attention_steps needs the sampling step, which STA reads off the trainer's schedule."""
+    ckpt, cache_dir = hunyuan
+    sta = {"window": [1, 1, 1], "tile": [1, 2, 2], "full_attention_steps": 1, "backend": "reference"}
+    cfg = trainer_config(tmp_path / "run", "hunyuan_video", ckpt, options(cache_dir, frames=5, sta=sta))
+    trainer = Trainer(cfg, rewards={"brightness": brightness})
+    metrics = trainer.step()
+    assert metrics["first_update_logp_max_dev"] == 0.0 and metrics["grad_norm"] > 0
+    assert torch.equal(trainer.adapter.sta.schedule, trainer.sampler.sigmas[:-1].double())

@@ -1,0 +1,149 @@
+"""Ulysses sequence parallelism for diffusers' HunyuanVideoTransformer3DModel (HunyuanVideo, SkyReels-I2V).
+
+`install_ulysses(transformer, group)` makes every rank of the sequence-parallel group run the
+transformer on 1/sp of the video tokens:
+
+- the patch embedding's output and the RoPE tables are sharded the same way (contiguous
+  slices of the flattened t, h, w token order), so each rank rotates its own tokens;
+- the joint attention of the dual- and single-stream blocks goes through
+  `UlyssesHunyuanAttnProcessor`: video q, k, v all-to-all to (all tokens, H/sp heads), text
+  q, k, v (replicated: every rank holds all text tokens) keep this rank's heads, attention
+  runs once per head shard, video goes back by the inverse all-to-all and the text output's
+  heads are all-gathered (the text stream stays replicated);
+- the output projection's tokens are all-gathered before the unpatchify, so every rank returns
+  the full prediction.
+
+Callers give every rank of a group the same inputs and compute the same loss; after backward,
+all-reduce (sum) the gradients over the group (see `ulysses.py` for why).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed import ProcessGroup
+
+from .ulysses import (check_heads_divisible, gather_heads, gather_sequence, group_rank, group_size,
+                      heads_to_sequence, sequence_to_heads, shard_sequence)
+
+# attend(q, k, v, text_valid) on (B, heads, video + text, D); text_valid (B, text) marks real text keys.
+AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_valid: torch.Tensor | None) -> torch.Tensor:
+    """SDPA over video + text keys, padded text keys masked as the stock processor does."""
+    if text_valid is None:
+        return F.scaled_dot_product_attention(q, k, v)
+    video = torch.ones(q.shape[0], k.shape[2] - text_valid.shape[1], dtype=torch.bool, device=q.device)
+    key_valid = torch.cat([video, text_valid.to(device=q.device, dtype=torch.bool)], 1)[:, None, None, :]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid)
+
+
+class UlyssesHunyuanAttnProcessor:
+    """HunyuanVideo's joint attention (video tokens first, then text) with video sharded over `group`."""
+
+    def __init__(self, group: ProcessGroup | None, attend: AttendFn = dense_attention):
+        self.group, self.attend = group, attend
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
+                 image_rotary_emb=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from diffusers.models.embeddings import apply_rotary_emb
+        if encoder_hidden_states is None:
+            raise ValueError("the Ulysses HunyuanVideo processor expects text tokens (encoder_hidden_states)")
+        joint_projections = attn.add_q_proj is not None
+        text_len = encoder_hidden_states.shape[1]
+        if not joint_projections:
+            hidden_states = torch.cat([hidden_states, encoder_hidden_states], 1)
+
+        def heads(x):  # (B, L, heads*D) -> (B, L, heads, D)
+            return x.unflatten(2, (attn.heads, -1))
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        video_len = q.shape[1] - (0 if joint_projections else text_len)  # this rank's video tokens
+        if joint_projections:
+            tq, tk, tv = (heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)),
+                          heads(attn.add_v_proj(encoder_hidden_states)))
+            if attn.norm_added_q is not None:
+                tq = attn.norm_added_q(tq)
+            if attn.norm_added_k is not None:
+                tk = attn.norm_added_k(tk)
+        else:
+            tq, tk, tv = q[:, video_len:], k[:, video_len:], v[:, video_len:]
+        vq, vk, vv = q[:, :video_len], k[:, :video_len], v[:, :video_len]
+        if image_rotary_emb is not None:  # this rank's slice of the RoPE table (sharded by install_ulysses)
+            vq = apply_rotary_emb(vq, image_rotary_emb, sequence_dim=1)
+            vk = apply_rotary_emb(vk, image_rotary_emb, sequence_dim=1)
+
+        # One all-to-all for q, k and v: (B, N/sp, 3, H, D) -> (B, N, 3, H/sp, D).
+        vq, vk, vv = sequence_to_heads(torch.stack([vq, vk, vv], 2), self.group, seq_dim=1, head_dim=3).unbind(2)
+        sp, rank = group_size(self.group), group_rank(self.group)
+        tq, tk, tv = (x.chunk(sp, 2)[rank] for x in (tq, tk, tv))  # replicated text: keep this rank's heads
+        q, k, v = (torch.cat(pair, 1).transpose(1, 2) for pair in ((vq, tq), (vk, tk), (vv, tv)))
+
+        text_valid = None if attention_mask is None else attention_mask.reshape(q.shape[0], -1)[:, -text_len:]
+        out = self.attend(q, k, v, text_valid).transpose(1, 2).to(q.dtype)  # (B, N + text, H/sp, D)
+        full_video = out.shape[1] - text_len
+        video_out = heads_to_sequence(out[:, :full_video], self.group).flatten(2, 3)
+        text_out = gather_heads(out[:, full_video:], self.group).flatten(2, 3)
+        if getattr(attn, "to_out", None) is not None:
+            video_out = attn.to_out[1](attn.to_out[0](video_out))
+        if getattr(attn, "to_add_out", None) is not None:
+            text_out = attn.to_add_out(text_out)
+        return video_out, text_out
+
+
+@dataclass
+class UlyssesHandle:
+    """What `install_ulysses` changed; `remove()` restores the single-process transformer."""
+
+    transformer: nn.Module
+    previous_processors: dict = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.transformer.set_attn_processor(self.previous_processors)
+        self.hooks.clear()
+
+
+def install_ulysses(transformer: nn.Module, group: ProcessGroup | None,
+                    attend: AttendFn = dense_attention) -> UlyssesHandle:
+    """Shard a HunyuanVideoTransformer3DModel's video tokens over the sequence-parallel `group`.
+
+    The group size must divide the head count; the video token count (frames x height x width
+    after patchify) must be a multiple of it. Returns a handle whose `remove()` undoes this.
+    """
+    config = transformer.config
+    sp = group_size(group)
+    check_heads_divisible(config.num_attention_heads, sp)
+    if getattr(config, "image_condition_type", None) == "token_replace":
+        raise ValueError("image_condition_type = 'token_replace' (HunyuanVideo-I2V) treats the first frame's tokens "
+                         "apart, which the sequence sharding does not handle yet: use sp_size 1 for this model")
+    if not all(hasattr(transformer, name) for name in ("x_embedder", "rope", "proj_out", "single_transformer_blocks")):
+        raise ValueError(f"{type(transformer).__name__} is not a HunyuanVideoTransformer3DModel")
+    handle = UlyssesHandle(transformer, dict(transformer.attn_processors))
+    processor = UlyssesHunyuanAttnProcessor(group, attend)
+    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
+        block.attn.set_processor(processor)
+
+    def shard_tokens(module, args, output):  # (B, N, C) -> (B, N/sp, C)
+        return shard_sequence(output, group, dim=1)
+
+    def shard_rope(module, args, output):  # (cos, sin), each (N, D/2): the same token slice
+        return tuple(shard_sequence(table, group, dim=0) for table in output)
+
+    def gather_tokens(module, args, output):  # (B, N/sp, C) -> (B, N, C) before the unpatchify
+        return gather_sequence(output, group, dim=1)
+
+    handle.hooks += [transformer.x_embedder.register_forward_hook(shard_tokens),
+                     transformer.rope.register_forward_hook(shard_rope),
+                     transformer.proj_out.register_forward_hook(gather_tokens)]
+    return handle

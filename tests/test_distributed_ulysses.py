@@ -1,0 +1,94 @@
+"""Ulysses sequence parallelism on a tiny HunyuanVideo transformer: 2 gloo processes vs one process."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dancegrpo.distributed import build_mesh, init_distributed, install_ulysses, plan_layout
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tiny_transformer(heads: int):
+    from diffusers import HunyuanVideoTransformer3DModel
+    torch.manual_seed(0)
+    # tests/tiny_models.py's HunyuanVideo transformer, with more heads so each rank gets several.
+    return HunyuanVideoTransformer3DModel(
+        in_channels=4, out_channels=4, num_attention_heads=heads, attention_head_dim=8, num_layers=1,
+        num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=32,
+        pooled_projection_dim=32, rope_axes_dim=(2, 2, 4), guidance_embeds=True).float()
+
+
+def _inputs():
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(2, 4, 2, 4, 8, generator=gen)          # 2 x 2 x 4 = 16 video tokens after patchify
+    text = torch.randn(2, 5, 32, generator=gen)
+    text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # right padding, as the tokenizer gives
+    pooled = torch.randn(2, 32, generator=gen)
+    weight = torch.randn(2, 4, 2, 4, 8, generator=gen)            # a loss that touches every output element
+    return latents, text, text_mask, pooled, weight
+
+
+def _loss_and_grads(model, latents, text, text_mask, pooled, weight):
+    latents, text, pooled = (x.clone().requires_grad_(True) for x in (latents, text, pooled))
+    model.zero_grad(set_to_none=True)
+    out = model(hidden_states=latents, timestep=torch.tensor([300.0, 700.0]), encoder_hidden_states=text,
+                encoder_attention_mask=text_mask, pooled_projections=pooled, guidance=torch.tensor([3.5, 3.5]),
+                return_dict=False)[0]
+    (out * weight).sum().backward()
+    params = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return out.detach(), {"latents": latents.grad, "text": text.grad, "pooled": pooled.grad}, params
+
+
+def _worker(rank: int, port: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    init_distributed("gloo")
+    try:
+        group = build_mesh(sp_size=WORLD, device_type="cpu")["sp"].get_group()
+        model, inputs = _tiny_transformer(heads=4), _inputs()
+        # Reference: the whole sequence in this process, diffusers' own attention processor.
+        ref_out, ref_inputs, ref_params = _loss_and_grads(model, *inputs)
+
+        handle = install_ulysses(model, group)
+        out, input_grads, param_grads = _loss_and_grads(model, *inputs)
+        for grads in (input_grads, param_grads):
+            for grad in grads.values():
+                dist.all_reduce(grad, group=group)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+        for name, grad in input_grads.items():
+            torch.testing.assert_close(grad, ref_inputs[name], rtol=0, atol=1e-5, msg=f"input grad {name}")
+        assert param_grads.keys() == ref_params.keys()
+        for name, grad in param_grads.items():
+            torch.testing.assert_close(grad, ref_params[name], rtol=0, atol=1e-5, msg=f"parameter grad {name}")
+
+        handle.remove()  # back to single-process attention: the reference again
+        torch.testing.assert_close(_loss_and_grads(model, *inputs)[0], ref_out, rtol=0, atol=1e-6)
+
+        with pytest.raises(ValueError, match=r"sequence-parallel size 2 does not divide the attention head count 3"):
+            install_ulysses(_tiny_transformer(heads=3), group)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sequence_parallel_forward_backward_equal_single_process():
+    mp.spawn(_worker, args=(_free_port(),), nprocs=WORLD, join=True)
+
+
+def test_layout_refuses_sp_size_not_dividing_world_size():
+    assert plan_layout(8, 2).dp_size == 4
+    with pytest.raises(ValueError, match=r"sp_size = 3 does not divide the world size 8"):
+        plan_layout(8, 3)
+    with pytest.raises(ValueError, match=r"sp_size = 0"):
+        plan_layout(4, 0)

@@ -30,13 +30,13 @@ def _tiny_transformer(heads: int):
         pooled_projection_dim=32, rope_axes_dim=(2, 2, 4), guidance_embeds=True).float()
 
 
-def _inputs():
+def _inputs(frames: int, height: int, width: int):
     gen = torch.Generator().manual_seed(1)
-    latents = torch.randn(2, 4, 2, 4, 8, generator=gen)          # 2 x 2 x 4 = 16 video tokens after patchify
+    latents = torch.randn(2, 4, frames, height, width, generator=gen)
     text = torch.randn(2, 5, 32, generator=gen)
     text_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])  # right padding, as the tokenizer gives
     pooled = torch.randn(2, 32, generator=gen)
-    weight = torch.randn(2, 4, 2, 4, 8, generator=gen)            # a loss that touches every output element
+    weight = torch.randn(latents.shape, generator=gen)            # a loss that touches every output element
     return latents, text, text_mask, pooled, weight
 
 
@@ -57,24 +57,27 @@ def _worker(rank: int, port: int) -> None:
     init_distributed("gloo")
     try:
         group = build_mesh(sp_size=WORLD, device_type="cpu")["sp"].get_group()
-        model, inputs = _tiny_transformer(heads=4), _inputs()
-        # Reference: the whole sequence in this process, diffusers' own attention processor.
-        ref_out, ref_inputs, ref_params = _loss_and_grads(model, *inputs)
+        model = _tiny_transformer(heads=4)
+        # 2 x 2 x 4 = 16 video tokens after patchify (8 per rank); 3 x 1 x 3 = 9 (padded to 10).
+        for canvas in ((2, 4, 8), (3, 2, 6)):
+            inputs = _inputs(*canvas)
+            # Reference: the whole sequence in this process, diffusers' own attention processor.
+            ref_out, ref_inputs, ref_params = _loss_and_grads(model, *inputs)
 
-        handle = install_ulysses(model, group)
-        out, input_grads, param_grads = _loss_and_grads(model, *inputs)
-        for grads in (input_grads, param_grads):
-            for grad in grads.values():
-                dist.all_reduce(grad, group=group)
-        torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
-        for name, grad in input_grads.items():
-            torch.testing.assert_close(grad, ref_inputs[name], rtol=0, atol=1e-5, msg=f"input grad {name}")
-        assert param_grads.keys() == ref_params.keys()
-        for name, grad in param_grads.items():
-            torch.testing.assert_close(grad, ref_params[name], rtol=0, atol=1e-5, msg=f"parameter grad {name}")
+            handle = install_ulysses(model, group)
+            out, input_grads, param_grads = _loss_and_grads(model, *inputs)
+            for grads in (input_grads, param_grads):
+                for grad in grads.values():
+                    dist.all_reduce(grad, group=group)
+            torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+            for name, grad in input_grads.items():
+                torch.testing.assert_close(grad, ref_inputs[name], rtol=0, atol=1e-5, msg=f"input grad {name}")
+            assert param_grads.keys() == ref_params.keys()
+            for name, grad in param_grads.items():
+                torch.testing.assert_close(grad, ref_params[name], rtol=0, atol=1e-5, msg=f"parameter grad {name}")
 
-        handle.remove()  # back to single-process attention: the reference again
-        torch.testing.assert_close(_loss_and_grads(model, *inputs)[0], ref_out, rtol=0, atol=1e-6)
+            handle.remove()  # back to single-process attention: the reference again
+            torch.testing.assert_close(_loss_and_grads(model, *inputs)[0], ref_out, rtol=0, atol=1e-6)
 
         with pytest.raises(ValueError, match=r"sequence-parallel size 2 does not divide the attention head count 3"):
             install_ulysses(_tiny_transformer(heads=3), group)

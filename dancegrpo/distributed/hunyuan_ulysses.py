@@ -4,7 +4,9 @@
 transformer on 1/sp of the video tokens:
 
 - the patch embedding's output and the RoPE tables are sharded the same way (contiguous
-  slices of the flattened t, h, w token order), so each rank rotates its own tokens;
+  slices of the flattened t, h, w token order), so each rank rotates its own tokens; a token
+  count that sp does not divide is padded at the end, the padded keys are masked in attention
+  and the padded outputs dropped;
 - the joint attention of the dual- and single-stream blocks goes through
   `UlyssesHunyuanAttnProcessor`: video q, k, v all-to-all to (all tokens, H/sp heads), text
   q, k, v (replicated: every rank holds all text tokens) keep this rank's heads, attention
@@ -30,23 +32,49 @@ from .ulysses import (check_heads_divisible, gather_heads, gather_sequence, grou
                       heads_to_sequence, sequence_to_heads, shard_sequence)
 
 # attend(q, k, v, text_valid) on (B, heads, video + text, D); text_valid (B, text) marks real text keys.
-AttendFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
+# When the video tokens were padded to a multiple of sp it is also given video_len= (the real count).
+AttendFn = Callable[..., torch.Tensor]
 
 
-def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_valid: torch.Tensor | None) -> torch.Tensor:
-    """SDPA over video + text keys, padded text keys masked as the stock processor does."""
-    if text_valid is None:
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_valid: torch.Tensor | None,
+                    video_len: int | None = None) -> torch.Tensor:
+    """SDPA over video + text keys; padded text keys (and video keys past video_len) masked."""
+    if text_valid is None and video_len is None:
         return F.scaled_dot_product_attention(q, k, v)
-    video = torch.ones(q.shape[0], k.shape[2] - text_valid.shape[1], dtype=torch.bool, device=q.device)
-    key_valid = torch.cat([video, text_valid.to(device=q.device, dtype=torch.bool)], 1)[:, None, None, :]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=key_valid)
+    text_len = 0 if text_valid is None else text_valid.shape[1]
+    padded_video = k.shape[2] - text_len
+    video = (torch.arange(padded_video, device=q.device) < (padded_video if video_len is None else video_len))
+    video = video.expand(q.shape[0], padded_video)
+    parts = [video] if text_valid is None else [video, text_valid.to(device=q.device, dtype=torch.bool)]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat(parts, 1)[:, None, None, :])
+
+
+@dataclass
+class TokenPadding:
+    """Video tokens of the current call: the real count and the padding up to a multiple of sp."""
+
+    video_len: int = 0
+    pad: int = 0
+
+    def plan(self, video_len: int, sp: int) -> int:
+        self.video_len, self.pad = video_len, (-video_len) % sp
+        return self.pad
+
+
+def _pad_rows(x: torch.Tensor, dim: int, pad: int, value: float = 0.0) -> torch.Tensor:
+    if pad == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_full(shape, value)], dim)
 
 
 class UlyssesHunyuanAttnProcessor:
     """HunyuanVideo's joint attention (video tokens first, then text) with video sharded over `group`."""
 
-    def __init__(self, group: ProcessGroup | None, attend: AttendFn = dense_attention):
-        self.group, self.attend = group, attend
+    def __init__(self, group: ProcessGroup | None, attend: AttendFn = dense_attention,
+                 padding: TokenPadding | None = None):
+        self.group, self.attend, self.padding = group, attend, padding or TokenPadding()
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None,
                  image_rotary_emb=None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -88,7 +116,8 @@ class UlyssesHunyuanAttnProcessor:
         q, k, v = (torch.cat(pair, 1).transpose(1, 2) for pair in ((vq, tq), (vk, tk), (vv, tv)))
 
         text_valid = None if attention_mask is None else attention_mask.reshape(q.shape[0], -1)[:, -text_len:]
-        out = self.attend(q, k, v, text_valid).transpose(1, 2).to(q.dtype)  # (B, N + text, H/sp, D)
+        pad_kwargs = {"video_len": self.padding.video_len} if self.padding.pad else {}
+        out = self.attend(q, k, v, text_valid, **pad_kwargs).transpose(1, 2).to(q.dtype)  # (B, N + text, H/sp, D)
         full_video = out.shape[1] - text_len
         video_out = heads_to_sequence(out[:, :full_video], self.group).flatten(2, 3)
         text_out = gather_heads(out[:, full_video:], self.group).flatten(2, 3)
@@ -118,8 +147,9 @@ def install_ulysses(transformer: nn.Module, group: ProcessGroup | None,
                     attend: AttendFn = dense_attention) -> UlyssesHandle:
     """Shard a HunyuanVideoTransformer3DModel's video tokens over the sequence-parallel `group`.
 
-    The group size must divide the head count; the video token count (frames x height x width
-    after patchify) must be a multiple of it. Returns a handle whose `remove()` undoes this.
+    The group size must divide the head count. A video token count (frames x height x width
+    after patchify) that it does not divide is padded; `attend` then receives video_len=.
+    Returns a handle whose `remove()` undoes this.
     """
     config = transformer.config
     sp = group_size(group)
@@ -130,18 +160,25 @@ def install_ulysses(transformer: nn.Module, group: ProcessGroup | None,
     if not all(hasattr(transformer, name) for name in ("x_embedder", "rope", "proj_out", "single_transformer_blocks")):
         raise ValueError(f"{type(transformer).__name__} is not a HunyuanVideoTransformer3DModel")
     handle = UlyssesHandle(transformer, dict(transformer.attn_processors))
-    processor = UlyssesHunyuanAttnProcessor(group, attend)
+    padding = TokenPadding()
+    processor = UlyssesHunyuanAttnProcessor(group, attend, padding)
     for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
         block.attn.set_processor(processor)
 
-    def shard_tokens(module, args, output):  # (B, N, C) -> (B, N/sp, C)
-        return shard_sequence(output, group, dim=1)
-
+    # The transformer calls rope before x_embedder, so the rope hook plans the padding of the call.
     def shard_rope(module, args, output):  # (cos, sin), each (N, D/2): the same token slice
-        return tuple(shard_sequence(table, group, dim=0) for table in output)
+        pad = padding.plan(output[0].shape[0], sp)
+        return tuple(shard_sequence(_pad_rows(table, 0, pad, fill), group, dim=0)
+                     for table, fill in zip(output, (1.0, 0.0)))  # padded rows: the identity rotation
+
+    def shard_tokens(module, args, output):  # (B, N, C) -> (B, N/sp, C)
+        if output.shape[1] != padding.video_len:
+            raise RuntimeError(f"patch embedding gave {output.shape[1]} tokens but the RoPE table "
+                               f"{padding.video_len}: the transformer's forward is not the one install_ulysses expects")
+        return shard_sequence(_pad_rows(output, 1, padding.pad), group, dim=1)
 
     def gather_tokens(module, args, output):  # (B, N/sp, C) -> (B, N, C) before the unpatchify
-        return gather_sequence(output, group, dim=1)
+        return gather_sequence(output, group, dim=1)[:, :padding.video_len]
 
     handle.hooks += [transformer.x_embedder.register_forward_hook(shard_tokens),
                      transformer.rope.register_forward_hook(shard_rope),

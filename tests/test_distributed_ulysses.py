@@ -9,7 +9,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from dancegrpo.distributed import build_mesh, init_distributed, install_ulysses, plan_layout
+from dancegrpo.distributed import (build_mesh, heads_to_sequence, init_distributed, install_ulysses, plan_layout,
+                                   sequence_to_heads, shard_sequence)
 
 WORLD = 2
 
@@ -51,33 +52,50 @@ def _loss_and_grads(model, latents, text, text_mask, pooled, weight):
     return out.detach(), {"latents": latents.grad, "text": text.grad, "pooled": pooled.grad}, params
 
 
+def _check_all_to_all(group, rank: int) -> None:
+    """The layouts against plain slicing of one full (B, N, H, D) tensor every rank holds."""
+    full = torch.randn(2, 6, 4, 3, generator=torch.Generator().manual_seed(2))
+    by_heads = sequence_to_heads(shard_sequence(full, group), group)
+    torch.testing.assert_close(by_heads, full[:, :, 2 * rank:2 * rank + 2], rtol=0, atol=0)
+    torch.testing.assert_close(heads_to_sequence(by_heads, group), full[:, 3 * rank:3 * rank + 3], rtol=0, atol=0)
+
+
+def _assert_matches_reference(model, group, inputs, reference) -> None:
+    ref_out, ref_inputs, ref_params = reference
+    handle = install_ulysses(model, group)
+    out, input_grads, param_grads = _loss_and_grads(model, *inputs)
+    handle.remove()
+    for grads in (input_grads, param_grads):
+        for grad in grads.values():
+            dist.all_reduce(grad, group=group)
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
+    for name, grad in input_grads.items():
+        torch.testing.assert_close(grad, ref_inputs[name], rtol=0, atol=1e-5, msg=f"input grad {name}")
+    assert param_grads.keys() == ref_params.keys()
+    for name, grad in param_grads.items():
+        torch.testing.assert_close(grad, ref_params[name], rtol=0, atol=1e-5, msg=f"parameter grad {name}")
+
+
 def _worker(rank: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD))
     torch.set_num_threads(1)
     init_distributed("gloo")
     try:
         group = build_mesh(sp_size=WORLD, device_type="cpu")["sp"].get_group()
+        _check_all_to_all(group, rank)
         model = _tiny_transformer(heads=4)
         # 2 x 2 x 4 = 16 video tokens after patchify (8 per rank); 3 x 1 x 3 = 9 (padded to 10).
         for canvas in ((2, 4, 8), (3, 2, 6)):
             inputs = _inputs(*canvas)
             # Reference: the whole sequence in this process, diffusers' own attention processor.
-            ref_out, ref_inputs, ref_params = _loss_and_grads(model, *inputs)
+            reference = _loss_and_grads(model, *inputs)
+            _assert_matches_reference(model, group, inputs, reference)
+            # remove() restored the single-process model: the reference again.
+            torch.testing.assert_close(_loss_and_grads(model, *inputs)[0], reference[0], rtol=0, atol=1e-6)
 
-            handle = install_ulysses(model, group)
-            out, input_grads, param_grads = _loss_and_grads(model, *inputs)
-            for grads in (input_grads, param_grads):
-                for grad in grads.values():
-                    dist.all_reduce(grad, group=group)
-            torch.testing.assert_close(out, ref_out, rtol=0, atol=1e-5)
-            for name, grad in input_grads.items():
-                torch.testing.assert_close(grad, ref_inputs[name], rtol=0, atol=1e-5, msg=f"input grad {name}")
-            assert param_grads.keys() == ref_params.keys()
-            for name, grad in param_grads.items():
-                torch.testing.assert_close(grad, ref_params[name], rtol=0, atol=1e-5, msg=f"parameter grad {name}")
-
-            handle.remove()  # back to single-process attention: the reference again
-            torch.testing.assert_close(_loss_and_grads(model, *inputs)[0], ref_out, rtol=0, atol=1e-6)
+        # Activation checkpointing recomputes the blocks, collectives included, in backward.
+        model.enable_gradient_checkpointing()
+        _assert_matches_reference(model, group, inputs, reference)
 
         with pytest.raises(ValueError, match=r"sequence-parallel size 2 does not divide the attention head count 3"):
             install_ulysses(_tiny_transformer(heads=3), group)

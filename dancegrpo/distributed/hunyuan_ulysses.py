@@ -143,12 +143,14 @@ class UlyssesHandle:
         self.hooks.clear()
 
 
-def install_ulysses(transformer: nn.Module, group: ProcessGroup | None,
-                    attend: AttendFn = dense_attention) -> UlyssesHandle:
+def install_ulysses(transformer: nn.Module, group: ProcessGroup | None, attend: AttendFn = dense_attention,
+                    attend_for_layer: Callable[[int], AttendFn] | None = None) -> UlyssesHandle:
     """Shard a HunyuanVideoTransformer3DModel's video tokens over the sequence-parallel `group`.
 
     The group size must divide the head count. A video token count (frames x height x width
     after patchify) that it does not divide is padded; `attend` then receives video_len=.
+    attend_for_layer(layer) gives each layer (dual-stream blocks, then single-stream) its own
+    attention (e.g. sliding-tile windows per layer); otherwise every layer uses `attend`.
     Returns a handle whose `remove()` undoes this.
     """
     config = transformer.config
@@ -161,9 +163,10 @@ def install_ulysses(transformer: nn.Module, group: ProcessGroup | None,
         raise ValueError(f"{type(transformer).__name__} is not a HunyuanVideoTransformer3DModel")
     handle = UlyssesHandle(transformer, dict(transformer.attn_processors))
     padding = TokenPadding()
-    processor = UlyssesHunyuanAttnProcessor(group, attend, padding)
-    for block in list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks):
-        block.attn.set_processor(processor)
+    blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
+    for layer, block in enumerate(blocks):
+        layer_attend = attend if attend_for_layer is None else attend_for_layer(layer)
+        block.attn.set_processor(UlyssesHunyuanAttnProcessor(group, layer_attend, padding))
 
     # The transformer calls rope before x_embedder, so the rope hook plans the padding of the call.
     def shard_rope(module, args, output):  # (cos, sin), each (N, D/2): the same token slice

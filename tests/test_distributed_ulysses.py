@@ -125,3 +125,12 @@ def test_layout_refuses_sp_size_not_dividing_world_size():
         plan_layout(8, 3)
     with pytest.raises(ValueError, match=r"sp_size = 0"):
         plan_layout(4, 0)
+
+
+def test_init_without_torchrun_environment_says_how_to_launch(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(RuntimeError, match=r"torchrun"):
+        init_distributed()
+    with pytest.raises(RuntimeError, match=r"init_distributed"):
+        build_mesh(sp_size=1, device_type="cpu")

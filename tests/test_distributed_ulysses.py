@@ -100,6 +100,10 @@ def _worker(rank: int, port: int) -> None:
         model.enable_gradient_checkpointing()
         _assert_matches_reference(model, group, inputs, reference)
 
+        handle = install_ulysses(model, group)
+        with pytest.raises(RuntimeError, match=r"already called"):  # a second install would shard twice
+            install_ulysses(model, group)
+        handle.remove()
         with pytest.raises(ValueError, match=r"sequence-parallel size 2 does not divide the attention head count 3"):
             install_ulysses(_tiny_transformer(heads=3), group)
 

@@ -141,6 +141,7 @@ class UlyssesHandle:
             hook.remove()
         self.transformer.set_attn_processor(self.previous_processors)
         self.hooks.clear()
+        self.transformer._ulysses_installed = False
 
 
 def install_ulysses(transformer: nn.Module, group: ProcessGroup | None, attend: AttendFn = dense_attention,
@@ -161,6 +162,8 @@ def install_ulysses(transformer: nn.Module, group: ProcessGroup | None, attend: 
                          "apart, which the sequence sharding does not handle yet: use sp_size 1 for this model")
     if not all(hasattr(transformer, name) for name in ("x_embedder", "rope", "proj_out", "single_transformer_blocks")):
         raise ValueError(f"{type(transformer).__name__} is not a HunyuanVideoTransformer3DModel")
+    if getattr(transformer, "_ulysses_installed", False):
+        raise RuntimeError("install_ulysses was already called on this transformer: call remove() on its handle first")
     handle = UlyssesHandle(transformer, dict(transformer.attn_processors))
     padding = TokenPadding()
     blocks = list(transformer.transformer_blocks) + list(transformer.single_transformer_blocks)
@@ -186,4 +189,5 @@ def install_ulysses(transformer: nn.Module, group: ProcessGroup | None, attend: 
     handle.hooks += [transformer.x_embedder.register_forward_hook(shard_tokens),
                      transformer.rope.register_forward_hook(shard_rope),
                      transformer.proj_out.register_forward_hook(gather_tokens)]
+    transformer._ulysses_installed = True
     return handle

@@ -122,6 +122,23 @@ class STAController:
         return row[layer]
 
 
+def _qkv(x, to_q, to_k, to_v, norm_q, norm_k, heads: int):
+    """q, k, v of tokens x as (B, N, heads, D), with the q/k norms of diffusers' processor."""
+    q, k, v = (proj(x).unflatten(2, (heads, -1)) for proj in (to_q, to_k, to_v))
+    return (q if norm_q is None else norm_q(q)), (k if norm_k is None else norm_k(k)), v
+
+
+def project_qkv(attn, hidden_states: torch.Tensor):
+    """The main projections (video tokens, or video + text in single-stream blocks)."""
+    return _qkv(hidden_states, attn.to_q, attn.to_k, attn.to_v, attn.norm_q, attn.norm_k, attn.heads)
+
+
+def project_added_qkv(attn, encoder_hidden_states: torch.Tensor):
+    """The text tokens' own projections of dual-stream blocks (`add_*_proj`, `norm_added_*`)."""
+    return _qkv(encoder_hidden_states, attn.add_q_proj, attn.add_k_proj, attn.add_v_proj,
+                attn.norm_added_q, attn.norm_added_k, attn.heads)
+
+
 class STAHunyuanAttnProcessor:
     """HunyuanVideo's joint attention (video tokens first, then text) through sliding-tile attention."""
 
@@ -135,26 +152,13 @@ class STAHunyuanAttnProcessor:
         text_len = 0 if encoder_hidden_states is None else encoder_hidden_states.shape[1]
         if not joint_projections and encoder_hidden_states is not None:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], 1)
-
-        def heads(x):  # (B, N, heads*D) -> (B, N, heads, D)
-            return x.unflatten(2, (attn.heads, -1))
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = project_qkv(attn, hidden_states)
         video_len = q.shape[1] - (0 if joint_projections else text_len)
         if image_rotary_emb is not None:  # rotary on video tokens only
             q = torch.cat([apply_rotary_emb(q[:, :video_len], image_rotary_emb, sequence_dim=1), q[:, video_len:]], 1)
             k = torch.cat([apply_rotary_emb(k[:, :video_len], image_rotary_emb, sequence_dim=1), k[:, video_len:]], 1)
         if joint_projections and encoder_hidden_states is not None:
-            eq, ek = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
-            ev = heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                eq = attn.norm_added_q(eq)
-            if attn.norm_added_k is not None:
-                ek = attn.norm_added_k(ek)
+            eq, ek, ev = project_added_qkv(attn, encoder_hidden_states)
             q, k, v = torch.cat([q, eq], 1), torch.cat([k, ek], 1), torch.cat([v, ev], 1)
 
         text_valid = None if attention_mask is None else attention_mask.reshape(q.shape[0], -1)[:, video_len:].bool()

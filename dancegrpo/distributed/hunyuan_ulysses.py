@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed import ProcessGroup
 
+from ..attention.hunyuan_processor import project_added_qkv, project_qkv
 from .ulysses import (check_heads_divisible, gather_heads, gather_sequence, group_rank, group_size,
                       heads_to_sequence, sequence_to_heads, shard_sequence)
 
@@ -85,23 +86,10 @@ class UlyssesHunyuanAttnProcessor:
         text_len = encoder_hidden_states.shape[1]
         if not joint_projections:
             hidden_states = torch.cat([hidden_states, encoder_hidden_states], 1)
-
-        def heads(x):  # (B, L, heads*D) -> (B, L, heads, D)
-            return x.unflatten(2, (attn.heads, -1))
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q = attn.norm_q(q)
-        if attn.norm_k is not None:
-            k = attn.norm_k(k)
+        q, k, v = project_qkv(attn, hidden_states)
         video_len = q.shape[1] - (0 if joint_projections else text_len)  # this rank's video tokens
         if joint_projections:
-            tq, tk, tv = (heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states)),
-                          heads(attn.add_v_proj(encoder_hidden_states)))
-            if attn.norm_added_q is not None:
-                tq = attn.norm_added_q(tq)
-            if attn.norm_added_k is not None:
-                tk = attn.norm_added_k(tk)
+            tq, tk, tv = project_added_qkv(attn, encoder_hidden_states)
         else:
             tq, tk, tv = q[:, video_len:], k[:, video_len:], v[:, video_len:]
         vq, vk, vv = q[:, :video_len], k[:, :video_len], v[:, :video_len]

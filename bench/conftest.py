@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, commit, device_name, today  # noqa: E402
+from bench.machine import RESULTS, append_csv_row, commit, device_name, today  # noqa: E402
 
 CSV_PATH = Path(os.environ.get("DANCEGRPO_BENCH_CSV", RESULTS / "ops.csv"))
 FIELDS = ["op", "backend", "mode", "shape", "dtype", "p20_s", "p50_s", "p80_s", "gb_per_s", "device", "commit", "date"]
@@ -39,13 +39,7 @@ def record(benchmark):
         row = dict(op=op, backend=backend, mode=mode, shape="x".join(map(str, shape)), dtype=str(dtype).split(".")[-1],
                    p20_s=f"{p20:.6g}", p50_s=f"{p50:.6g}", p80_s=f"{p80:.6g}", gb_per_s=f"{nbytes / p50 / 1e9:.3f}",
                    device=device_name(torch.device(device)), commit=commit(), date=today())
-        CSV_PATH.parent.mkdir(parents=True, exist_ok=True)
-        new = not CSV_PATH.exists()
-        with CSV_PATH.open("a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=FIELDS)
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        append_csv_row(CSV_PATH, FIELDS, row)
         return row
 
     return run

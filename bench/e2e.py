@@ -10,7 +10,6 @@ same prompts, sample count, steps, trained steps and optimizer updates per itera
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 import tempfile
@@ -19,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, commit, device_name, load_average, today  # noqa: E402
+from bench.machine import RESULTS, append_csv_row, commit, device_name, load_average, today  # noqa: E402
 from bench.reference_loop import reference_iteration  # noqa: E402
 from dancegrpo.trainer import Trainer  # noqa: E402
 
@@ -54,13 +53,7 @@ def run(config: str, iterations: int, warmup: int, overrides: list[str]) -> dict
 
 
 def append_row(row: dict, path: Path = RESULTS / "e2e.csv") -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=FIELDS)
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_csv_row(path, FIELDS, row)
 
 
 def main(argv=None) -> dict:

@@ -1,6 +1,7 @@
 """Where and when a benchmark ran: device name, commit, date, load average."""
 from __future__ import annotations
 
+import csv
 import datetime
 import os
 import platform
@@ -49,3 +50,14 @@ def load_average() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "n/a"
+
+
+def append_csv_row(path: Path, fields: list[str], row: dict) -> None:
+    """Append one result row to a CSV, writing the header when the file is new."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        if new:
+            writer.writeheader()
+        writer.writerow(row)

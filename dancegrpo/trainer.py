@@ -140,6 +140,18 @@ class OverlappedScoring:
         return replayed.score(torch.empty((len(self.prompts), 0), device=self.device), self.prompts)
 
 
+def _eval_noise_keys(prompts: list[str]) -> list[tuple]:
+    """One noise key per evaluation sample: the prompt, plus its repeat index when a prompt
+    list repeats a prompt (a kind-balanced set), so repeats are new samples, not copies."""
+    seen: dict[str, int] = {}
+    keys = []
+    for prompt in prompts:
+        repeat = seen.get(prompt, 0)
+        seen[prompt] = repeat + 1
+        keys.append((prompt,) if repeat == 0 else (prompt, repeat))
+    return keys
+
+
 class Trainer:
     """Build from a Config (or YAML path / dict), optionally with your own reward callables.
 
@@ -405,8 +417,8 @@ class Trainer:
         if not prompts:
             return {}
         noise = torch.stack([
-            torch.randn(self.adapter.latent_shape(), generator=self._generator("eval", p), device=self.device)
-            for p in prompts])
+            torch.randn(self.adapter.latent_shape(), generator=self._generator("eval", *key), device=self.device)
+            for key in _eval_noise_keys(prompts)])
         was_training = self.policy.training
         self.policy.eval()
         with self._ema_weights(), self._autocast():

@@ -27,3 +27,25 @@ def test_prompt_file_and_builtins(tmp_path):
         load_prompts(str(tmp_path / "missing.txt"))
     with pytest.raises(ValueError, match="toy:nope"):
         load_prompts("toy:nope")
+
+
+def test_builtin_sets_weight_every_prompt_kind_equally():
+    from collections import Counter
+
+    from dancegrpo.data import TOY_EVAL_PER_KIND
+    from dancegrpo.toy import scenes
+
+    train_raw, held_out_raw = scenes.split_prompts()
+    for name, raw, per_kind in (("toy:train", train_raw, None), ("toy:eval", held_out_raw, TOY_EVAL_PER_KIND)):
+        balanced = load_prompts(name)
+        kinds = Counter(scenes.parse_prompt(p).kind for p in balanced)
+        assert set(kinds) == set(scenes.KINDS) and len(set(kinds.values())) == 1, (name, kinds)
+        assert set(balanced) <= set(raw)
+        if per_kind is None:  # nothing cut: every training prompt is still drawn
+            assert set(balanced) == set(raw)
+        else:
+            assert kinds["relation"] == per_kind
+    # Any prefix is balanced too (eval_num_prompts takes a prefix).
+    prefix = Counter(scenes.parse_prompt(p).kind for p in load_prompts("toy:eval")[:10])
+    assert set(prefix.values()) == {2}
+    assert load_prompts("toy:eval_all") == held_out_raw

@@ -11,6 +11,7 @@ has something to learn.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ class PretrainConfig:
     ema_decay: float | None = None  # save an exponential moving average of the weights instead of the last ones
     image_size: int = 32  # the generator's native resolution; scenes are rendered at this size
     output_size: int | None = None  # decode upsamples to this (None = image_size); the checker sees it
+    kind_balanced: bool = False  # draw each prompt kind equally often (scenes.balance_by_kind)
     transformer: dict = field(default_factory=dict)  # overrides of DEFAULT_TRANSFORMER_CONFIG
     text_encoder: dict = field(default_factory=dict)  # overrides of DEFAULT_TEXT_CONFIG
 
@@ -83,6 +85,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
     ema = [p.detach().clone() for p in params] if cfg.ema_decay else None
     prompts = scenes.all_prompts()
+    if cfg.kind_balanced:
+        prompts = scenes.balance_by_kind(prompts)
     start = time.time()
     picks = torch.randint(len(prompts), (cfg.dataset_size,), generator=generator)
     data_prompts = [prompts[i] for i in picks]
@@ -106,7 +110,8 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
         if step % 20 == 0:
             bar.set_postfix(loss=f"{loss.item():.4f}")
         if cfg.snapshot_every and (step + 1) % cfg.snapshot_every == 0 and step + 1 < cfg.steps:
-            _save(model, Path(cfg.output_dir) / "snapshots" / f"step_{step + 1}", cfg)
+            with _weights_swapped(params, ema):
+                _save(model, Path(cfg.output_dir) / "snapshots" / f"step_{step + 1}", cfg)
     out = Path(cfg.output_dir)
     if ema is not None:
         with torch.no_grad():
@@ -115,6 +120,24 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     _save(model, out, cfg)
     print(f"saved {out} after {cfg.steps} steps in {time.time() - start:.0f}s (final loss {loss.item():.4f})")
     return out
+
+
+@contextlib.contextmanager
+def _weights_swapped(params: list[torch.Tensor], ema: list[torch.Tensor] | None):
+    """Temporarily load the EMA weights (if any), so a snapshot holds what the final save would."""
+    if ema is None:
+        yield
+        return
+    live = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, average in zip(params, ema):
+            p.copy_(average)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, saved in zip(params, live):
+                p.copy_(saved)
 
 
 def _save(model, out: Path, cfg: PretrainConfig) -> None:

@@ -199,6 +199,30 @@ def split_prompts(eval_fraction: float = 0.2, seed: int = 0) -> tuple[list[str],
     return [p for p in ordered if p not in eval_set], [p for p in ordered if p in eval_set]
 
 
+def balance_by_kind(prompts: list[str], per_kind: int | None = None, seed: int = 0) -> list[str]:
+    """The prompts re-weighted so that every kind present has `per_kind` entries.
+
+    The grammar is lopsided (relations are 71% of it, single objects 2%), so a uniform draw
+    over prompts almost never asks for a single object or a position. GenEval weights its
+    tasks equally; so do we: each kind's prompts, in a fixed hash order, are cycled (repeated
+    when the kind has fewer than `per_kind`, cut when it has more) and the kinds interleaved.
+    `per_kind` None = the largest kind's size, so nothing is cut.
+    """
+    by_kind: dict[str, list[str]] = {}
+    for prompt in prompts:
+        by_kind.setdefault(parse_prompt(prompt).kind, []).append(prompt)
+    if not by_kind:
+        raise ValueError("balance_by_kind: no prompts given")
+    if per_kind is None:
+        per_kind = max(len(group) for group in by_kind.values())
+    if per_kind < 1:
+        raise ValueError(f"per_kind must be >= 1, got {per_kind}")
+    groups = [sorted(by_kind[kind], key=lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
+              for kind in KINDS if kind in by_kind]
+    # Round-robin over kinds, so every prefix of the list (eval_num_prompts) is balanced too.
+    return [group[i % len(group)] for i in range(per_kind) for group in groups]
+
+
 # --------------------------------------------------------------------------- renderer
 # Geometry as fractions of the image size S (at S=32: objects 9-12 px, 1 px border, 2 px gap).
 

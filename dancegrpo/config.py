@@ -22,7 +22,7 @@ import yaml
 
 __all__ = [
     "ConfigError", "RunConfig", "ModelConfig", "SamplerConfig", "DataConfig", "RewardConfig",
-    "GRPOConfig", "TrainerConfig", "Config", "from_dict", "load_config", "config_to_dict",
+    "GRPOConfig", "TrainerConfig", "FSDPConfig", "ParallelConfig", "Config", "from_dict", "load_config", "config_to_dict",
     "save_config",
 ]
 
@@ -226,6 +226,48 @@ class TrainerConfig:
 
 
 @dataclass
+class FSDPConfig:
+    """FSDP2 (`fully_shard` per transformer block, then the root) over the data-parallel ranks.
+
+    `parallel.fsdp: true` is shorthand for `parallel.fsdp: {enabled: true}`.
+    """
+    enabled: bool = False
+    param_dtype: str = "fp32"        # fp32 | bf16: dtype of the gathered parameters in compute
+    reduce_dtype: str = "fp32"       # fp32 | bf16: dtype of the gradient reduce-scatter
+    cpu_offload: bool = False        # keep sharded parameters, gradients and optimizer state on the CPU
+
+    def validate(self) -> list[str]:
+        return _problems(
+            _one_of("param_dtype", self.param_dtype, ("fp32", "bf16")),
+            _one_of("reduce_dtype", self.reduce_dtype, ("fp32", "bf16")),
+        )
+
+
+@dataclass
+class ParallelConfig:
+    """Scale-out under torchrun; the defaults are one process doing everything.
+
+    World = dp x sp ranks. grpo.prompts_per_iteration is the global count per iteration, split
+    over the data-parallel ranks, so a recipe means the same on any number of processes.
+    """
+    sp_size: int = 1                 # sequence-parallel (Ulysses) group size; 1 = off
+    fsdp: FSDPConfig = field(default_factory=FSDPConfig)
+    activation_checkpointing: str = "none"  # none | full | selective (matmul and attention outputs kept)
+    checkpoint_every_n_blocks: int = 1      # checkpoint every n-th transformer block
+    compile_blocks: bool = False     # torch.compile each transformer block
+    group_placement: str = "rank"    # rank: a prompt's whole group on one rank | spread: its samples over DP ranks
+
+    def validate(self) -> list[str]:
+        return _problems(
+            _rule("sp_size", self.sp_size, self.sp_size >= 1, ">= 1 (1 turns sequence parallelism off)"),
+            _one_of("activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective")),
+            _rule("checkpoint_every_n_blocks", self.checkpoint_every_n_blocks,
+                  self.checkpoint_every_n_blocks >= 1, ">= 1"),
+            _one_of("group_placement", self.group_placement, ("rank", "spread")),
+        )
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -234,6 +276,7 @@ class Config:
     rewards: list[RewardConfig] = field(default_factory=list)  # names become metric names
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> list[str]:
         """Cross-section checks (each section validates itself)."""
@@ -492,15 +535,24 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: Sequence[s
     if not isinstance(data, dict):
         raise ConfigError([f"{where or 'configuration'} must be a mapping of sections "
                            f"(run, model, ...), got {type(data).__name__}"])
+    _expand_shorthands(data)  # before overrides too, so parallel.fsdp.enabled=... finds a section
     problems = [p for p in (_apply_override(data, o) for o in overrides) if p]
     if problems:
         raise ConfigError(problems, header="bad overrides" + (f" for {where}" if where else ""))
+    _expand_shorthands(data)
     try:
         return from_dict(Config, data)
     except ConfigError as exc:
         if not where:
             raise
         raise ConfigError(exc.problems, header=f"invalid configuration in {where}") from None
+
+
+def _expand_shorthands(data: dict) -> None:
+    """`parallel.fsdp: true|false` means `parallel.fsdp: {enabled: true|false}`."""
+    parallel = data.get("parallel")
+    if isinstance(parallel, dict) and isinstance(parallel.get("fsdp"), bool):
+        parallel["fsdp"] = {"enabled": parallel["fsdp"]}
 
 
 def config_to_dict(cfg: Config) -> dict:

@@ -72,6 +72,13 @@ FULL_YAML = textwrap.dedent("""\
       eval_every: 10
       log_every: 2
       overlap_rewards: true
+    parallel:
+      sp_size: 2
+      fsdp: {enabled: true, param_dtype: bf16, reduce_dtype: fp32, cpu_offload: true}
+      activation_checkpointing: selective
+      checkpoint_every_n_blocks: 2
+      compile_blocks: true
+      group_placement: spread
     """)
 
 MINIMAL = {"data": {"train_prompts": "toy:train"}, "rewards": [{"name": "toy_reward"}]}

@@ -20,6 +20,9 @@ kill at any point leaves the previous checkpoints plus, at most, either a comple
 one or a ``.tmp-*`` leftover, which readers ignore and the next save removes.
 
 Only one process (e.g. rank 0) should save into a run directory at a time.
+
+Multi-process runs write sharded checkpoints (dancegrpo.distributed.dist_checkpoint) under the
+same ``step_<N>`` names; ``latest_checkpoint`` and ``verify_checkpoint`` accept both formats.
 """
 from __future__ import annotations
 
@@ -557,6 +560,9 @@ def verify_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     ckpt = Path(path)
     if not ckpt.is_dir():
         raise CheckpointError(f"{ckpt} is not a checkpoint directory")
+    from .distributed.dist_checkpoint import is_sharded_checkpoint, verify_sharded_checkpoint
+    if is_sharded_checkpoint(ckpt):
+        return verify_sharded_checkpoint(ckpt)
     state = _read_state(ckpt)
     for name, meta in state["files"].items():
         file = ckpt / name
@@ -590,6 +596,10 @@ def load_checkpoint(
     Returns ``{"step": int, "extra": dict}``.
     """
     ckpt = Path(path)
+    from .distributed.dist_checkpoint import is_sharded_checkpoint
+    if is_sharded_checkpoint(ckpt):
+        raise CheckpointError(f"{ckpt} is a sharded (multi-process) checkpoint: load it with "
+                              "dancegrpo.distributed.dist_checkpoint.load_sharded_checkpoint (Trainer.resume does)")
     state = verify_checkpoint(ckpt)
     device = str(map_location)
 

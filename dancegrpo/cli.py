@@ -1,6 +1,7 @@
 """`dancegrpo` command line: a thin layer over the Python API.
 
     dancegrpo train --config configs/quickstart.yaml [--set trainer.lr=3e-5 ...] [--resume]
+    torchrun --nproc_per_node 8 -m dancegrpo.cli train --config ... --resume   (see docs/distributed.md)
     dancegrpo sample --config configs/quickstart.yaml --checkpoint runs/quickstart --prompt "a red circle"
     dancegrpo eval --config configs/quickstart.yaml --checkpoint runs/quickstart [--prompts toy:eval] [--seeds 4]
     dancegrpo preprocess --model flux --path data/flux --prompts prompts.txt --out data/flux_cache
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -23,9 +25,20 @@ def _train(args) -> int:
     if args.iterations:
         overrides.append(f"trainer.iterations={args.iterations}")
     trainer = Trainer(args.config, overrides=overrides)
-    trainer.train(resume=args.resume, progress=not args.no_progress)
-    print(f"run folder: {trainer.run_dir}")
+    try:
+        trainer.train(resume=args.resume, progress=not args.no_progress)
+    finally:
+        _leave_process_group()
+    if trainer.is_main:
+        print(f"run folder: {trainer.run_dir}")
     return 0
+
+
+def _leave_process_group() -> None:
+    """Under torchrun: leave the process group the trainer joined (a clean exit for every rank)."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _sample(args) -> int:
@@ -150,7 +163,10 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rank = int(os.environ.get("RANK", "0"))  # under torchrun only rank 0 reports progress
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s" if rank == 0 else
+                        f"%(levelname)s rank {rank} %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

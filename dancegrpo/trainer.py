@@ -7,12 +7,17 @@ per-group advantages, then make `updates_per_iteration` optimizer steps over the
 
 Every random draw of an iteration comes from generators seeded by (seed, iteration), so
 a resumed run repeats exactly what an uninterrupted one would have done.
+
+Under torchrun (WORLD_SIZE > 1) the same loop runs on every rank: each data-parallel rank rolls
+out its share of the iteration's prompts (see dancegrpo.distributed.data_parallel), gradients
+are summed over ranks (FSDP2 or one flat all-reduce), and only rank 0 writes logs and files.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
 import math
+import os
 import re
 import signal
 import time
@@ -22,11 +27,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from . import grpo, ops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import Config, load_config, save_config
+from .distributed.data_parallel import DataParallel, agree_any, all_reduce_sum, broadcast_parameters, sum_gradients
 from .eval.report import save_eval_images, write_report
 from .data import load_prompts, prompts_for_iteration
 from .metrics import MetricsLogger
@@ -140,6 +147,33 @@ class OverlappedScoring:
         return replayed.score(torch.empty((len(self.prompts), 0), device=self.device), self.prompts)
 
 
+class _SilentLogger:
+    """The metrics logger of ranks other than 0: they compute metrics but write nothing."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def truncate_after(self, step: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+CRASH_ENV = "DANCEGRPO_TEST_CRASH"
+
+
+def _crash_for_test(iteration: int) -> None:
+    """Test hook for restart-after-failure: with DANCEGRPO_TEST_CRASH="RANK:ITERATION", that
+    rank exits abruptly before running that iteration, on the first attempt of a torchrun job only."""
+    spec = os.environ.get(CRASH_ENV)
+    if not spec or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+        return
+    rank, at = (int(x) for x in spec.split(":"))
+    if iteration == at and int(os.environ.get("RANK", "0")) == rank:
+        os._exit(17)
+
+
 def _eval_noise_keys(prompts: list[str]) -> list[tuple]:
     """One noise key per evaluation sample: the prompt, plus its repeat index when a prompt
     list repeats a prompt (a kind-balanced set), so repeats are new samples, not copies."""
@@ -167,10 +201,14 @@ class Trainer:
             torch.set_num_threads(cfg.run.num_threads)
         self.device = torch.device(cfg.run.device)
         self.run_dir = Path(cfg.run.output_dir)
+        self.dp, self.mesh = self._setup_parallel()
+        self.is_main = not dist.is_initialized() or dist.get_rank() == 0
         self.adapter = adapter if adapter is not None else load_model(cfg.model.name, cfg.model.path, cfg.model.options)
         self.adapter.to(self.device)
         self.policy = self.adapter.trainable
         self.policy.requires_grad_(True).train()
+        if self.dp.enabled:
+            broadcast_parameters(self.policy)  # every rank starts from rank 0's weights
         self.sampler = build_sampler(self.adapter.prediction, cfg.sampler.num_steps, cfg.sampler.eta,
                                      cfg.sampler.shift, cfg.sampler.sde_form, device=self.device,
                                      sde_window=cfg.sampler.sde_window)
@@ -183,6 +221,9 @@ class Trainer:
         self.train_prompts = load_prompts(cfg.data.train_prompts)
         self.eval_prompts = load_prompts(cfg.data.eval_prompts)[: cfg.data.eval_num_prompts] if cfg.data.eval_prompts else []
         t = cfg.trainer
+        # The frozen KL reference is copied before any wrapper or sharding: a plain module.
+        self.reference = self._frozen_reference() if cfg.grpo.kl_coef > 0 else None
+        self.sharded = self._wrap_policy()
         self.params = [p for p in self.policy.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, betas=tuple(t.betas), eps=t.adam_eps,
                                            weight_decay=t.weight_decay)
@@ -190,7 +231,6 @@ class Trainer:
             self.optimizer, lr_lambda(t.lr_schedule, t.warmup_iterations, t.iterations))
         self.ema = ({n: p.detach().float().clone() for n, p in self.policy.named_parameters()}
                     if t.ema_decay else None)
-        self.reference = self._frozen_reference() if cfg.grpo.kl_coef > 0 else None
         self.iteration = 0  # iterations completed
         self.metrics: list[dict] = []
         self.base_eval: dict | None = None
@@ -208,6 +248,53 @@ class Trainer:
         entries += [RewardEntry(name, fn) for name, fn in user.items() if name not in configured]
         return RewardSet(entries)
 
+    def _setup_parallel(self):
+        """(DataParallel, DeviceMesh or None): join torchrun's process group when WORLD_SIZE > 1."""
+        par = self.cfg.parallel
+        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            for name, on in (("parallel.sp_size", par.sp_size != 1), ("parallel.fsdp.enabled", par.fsdp.enabled)):
+                if on:
+                    raise ValueError(f"{name} needs several processes: launch with torchrun "
+                                     f"(e.g. `torchrun --nproc_per_node 8 -m dancegrpo.cli train ...`), "
+                                     "or turn it off for a single process")
+            return DataParallel(placement=par.group_placement), None
+        from .distributed.mesh import build_mesh, init_distributed
+        init_distributed()
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's GPU
+        mesh = build_mesh(par.sp_size, self.device.type)
+        dp_mesh = mesh["dp"]
+        dp = DataParallel(rank=dp_mesh.get_local_rank(), size=dp_mesh.size(), placement=par.group_placement,
+                          group=dp_mesh.get_group(), world=dist.get_world_size())
+        g = self.cfg.grpo
+        dp.check_sizes(g.prompts_per_iteration, g.group_size)
+        if dp.placement == "spread" and dp.size > 1 and g.best_of_n_keep:
+            raise ValueError("grpo.best_of_n_keep needs whole groups on a rank: use parallel.group_placement "
+                             "'rank' with it (or best_of_n_keep null)")
+        return dp, mesh
+
+    def _wrap_policy(self) -> bool:
+        """Sequence parallelism, then activation checkpointing and compile, then FSDP2. True if sharded."""
+        par = self.cfg.parallel
+        if par.sp_size > 1:
+            from .distributed import install_ulysses
+            self._ulysses = install_ulysses(self.policy, self.mesh["sp"].get_group())
+        if par.activation_checkpointing != "none" or par.compile_blocks:
+            from .distributed.fsdp import apply_block_wrappers
+            apply_block_wrappers(self.policy, par.activation_checkpointing, par.checkpoint_every_n_blocks,
+                                 par.compile_blocks)
+        if not par.fsdp.enabled:
+            return False
+        from torch.distributed.device_mesh import init_device_mesh
+
+        from .distributed.fsdp import shard_model
+        # One flat mesh over every process: sequence-parallel ranks hold partial gradients of the
+        # same replica, so FSDP reduces over all of them.
+        world_mesh = init_device_mesh(self.device.type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))
+        shard_model(self.policy, world_mesh, par.fsdp.param_dtype, par.fsdp.reduce_dtype, par.fsdp.cpu_offload)
+        return True
+
     def _generator(self, *keys) -> torch.Generator:
         return torch.Generator(self.device).manual_seed(derive_seed(self.cfg.run.seed, *keys))
 
@@ -222,15 +309,22 @@ class Trainer:
         g = cfg.grpo
         timings = {}
         start = time.perf_counter()
+        dp = self.dp
         prompts = prompts_for_iteration(self.train_prompts, it, g.prompts_per_iteration, cfg.run.seed)
-        sample_prompts = [p for p in prompts for _ in range(g.group_size)]
-        cond = repeat_cond(self.adapter.encode_prompts(prompts), g.group_size)
+        local_prompts, local_group = dp.local_prompts(prompts), dp.local_group_size(g.group_size)
+        sample_prompts = [p for p in local_prompts for _ in range(local_group)]
+        cond = repeat_cond(self.adapter.encode_prompts(local_prompts), local_group)
         rollout_gen = self._generator("rollout", it)
         shape = self.adapter.latent_shape()
+        # Initial noise is drawn for the iteration's whole batch on every rank (cheap) and each
+        # rank keeps its rows: a group's shared noise does not depend on the number of ranks.
         if g.shared_group_noise:
             init = grpo.shared_group_noise(len(prompts), g.group_size, shape, generator=rollout_gen, device=self.device)
         else:
-            init = torch.randn((len(sample_prompts), *shape), generator=rollout_gen, device=self.device)
+            init = torch.randn((len(prompts) * g.group_size, *shape), generator=rollout_gen, device=self.device)
+        if dp.size > 1:
+            init = init[dp.local_rows(len(prompts), g.group_size, self.device)]
+            rollout_gen = self._generator("rollout", it, "dp_rank", dp.rank)  # distinct SDE noise per rank
         overlap = (OverlappedScoring(self.adapter, self.rewards, sample_prompts, self.device)
                    if cfg.trainer.overlap_rewards else None)
         self.policy.eval()
@@ -247,7 +341,7 @@ class Trainer:
             else:
                 images = self.adapter.decode(rollout.final)
                 scores = self.rewards.score(images, sample_prompts)
-        advantages = grpo.aggregate_advantages(scores.values, self.rewards.weights, g.group_size, valid=scores.valid)
+        advantages = self._advantages(scores, len(prompts))
         timings["time/reward"] = time.perf_counter() - start
 
         if g.best_of_n_keep:
@@ -265,21 +359,42 @@ class Trainer:
         self.iteration += 1
 
         metrics = {"iteration": self.iteration}
+        group = self._group_size_after_selection()  # every rank's rows, in global group order
+        faults = self._sum_over_ranks({name: scores.faults[name] for name in scores.values})
         for name, value in scores.values.items():
+            value = dp.gather_rows(value, group)
             finite = value[torch.isfinite(value)]
             metrics[f"reward/{name}_mean"] = finite.mean().item() if len(finite) else float("nan")
             metrics[f"reward/{name}_std"] = finite.std().item() if len(finite) > 1 else 0.0
-            metrics[f"reward/{name}_faults"] = scores.faults[name]
-        metrics["reward/zero_advantage_groups"] = int((advantages.view(-1, self._group_size_after_selection())
+            metrics[f"reward/{name}_faults"] = faults[name]
+        metrics["reward/zero_advantage_groups"] = int((dp.gather_rows(advantages, group).view(-1, group)
                                                        .abs().sum(1) == 0).sum())
         metrics.update(update_stats)
         metrics["lr"] = self.scheduler.get_last_lr()[0]
         metrics.update(timings)
         return metrics
 
+    def _advantages(self, scores: RewardScores, num_prompts: int) -> torch.Tensor:
+        """Per-group advantages of this rank's samples. With a group spread over ranks, its
+        rewards are all-gathered first, so every group is normalised as in one process."""
+        g, dp = self.cfg.grpo, self.dp
+        if dp.placement != "spread" or dp.size == 1:
+            return grpo.aggregate_advantages(scores.values, self.rewards.weights, g.group_size, valid=scores.valid)
+        values = {name: dp.gather_rows(value, g.group_size) for name, value in scores.values.items()}
+        valid = dp.gather_rows(scores.valid.to(torch.uint8), g.group_size).bool()
+        advantages = grpo.aggregate_advantages(values, self.rewards.weights, g.group_size, valid=valid)
+        return advantages[dp.local_rows(num_prompts, g.group_size, advantages.device)]
+
+    def _sum_over_ranks(self, counts: dict[str, int]) -> dict[str, int]:
+        if self.dp.size == 1 or not counts:
+            return counts
+        total = all_reduce_sum(torch.tensor(list(counts.values()), dtype=torch.float64, device=self.device),
+                               self.dp.group)
+        return dict(zip(counts, (int(v) for v in total.tolist())))
+
     def _group_size_after_selection(self) -> int:
         k = self.cfg.grpo.best_of_n_keep
-        return 2 * k if k else self.cfg.grpo.group_size
+        return 2 * k if k else self.cfg.grpo.group_size  # best-of-n is refused with spread groups
 
     def _best_of_n(self, rollout: Rollout, advantages, scores, cond):
         """Keep the top-k and bottom-k samples of each group (by total advantage).
@@ -321,23 +436,34 @@ class Trainer:
                      ratio_min=torch.full((), math.inf, device=self.device),
                      ratio_max=torch.full((), -math.inf, device=self.device), first_dev=zero.clone())
         count, grad_norms, skipped = 0, [], 0
+        # Each update's loss is normalised by its valid samples over all data-parallel ranks
+        # (one small all-reduce per iteration), so summed gradients are the single-process ones.
+        denoms = self._sum_over_ranks({str(u): sum(int(valid_host[rows.cpu()].sum()) for rows, _ in mbs)
+                                       for u, mbs in enumerate(plan.updates)})
+        # FSDP averages gradients over all processes; scaling the loss by their number turns that into a sum.
+        loss_scale = self.dp.world if self.sharded else 1
         for u, micro_batches in enumerate(plan.updates):
-            denom = sum(int(valid_host[rows.cpu()].sum()) for rows, _ in micro_batches)
+            denom = denoms[str(u)]
             if denom == 0:
                 continue
             with nvtx_range("update"):
                 self.optimizer.zero_grad(set_to_none=True)
                 update_loss = zero.clone()
-                for rows, step in micro_batches:
+                for m, (rows, step) in enumerate(micro_batches):
                     n = int(valid_host[rows.cpu()].sum())
-                    if n == 0:
-                        continue
+                    if n == 0 and not self.sharded:
+                        continue  # (FSDP: every rank must run every backward, even one of weight 0)
+                    if self.sharded:  # reduce-scatter once per update, after its last micro-batch
+                        self.policy.set_requires_gradient_sync(m == len(micro_batches) - 1)
                     mask = valid[rows]
                     with nvtx_range("train_step"), self._autocast():
                         logp, mean, std = step_log_prob(self.adapter, self.sampler, rollout.latents, rows, step,
                                                         index_cond(cond, rows), g.logprob_reduce,
                                                         with_moments=self.reference is not None)
                         old = rollout.log_probs[rows, step]
+                        if n == 0:  # only under FSDP: a backward that contributes nothing
+                            (logp.sum() * 0.0).backward()
+                            continue
                         out = ops.fused_clipped_loss(logp[mask], old[mask], advantages[rows][mask],
                                                      g.clip_range, g.adv_clip_max)
                         loss = out.loss
@@ -345,7 +471,7 @@ class Trainer:
                             kl = self._kl_to_reference(rollout, rows, step, cond, mean, std)[mask].mean()
                             loss = loss + g.kl_coef * kl
                             stats["kl"] += kl.detach() * n
-                    (loss * (n / denom)).backward()
+                    (loss * (n * loss_scale / denom)).backward()
                     if u == 0:
                         stats["first_dev"] = torch.maximum(stats["first_dev"], (logp.detach() - old).abs().max())
                     update_loss += loss.detach() * (n / denom)
@@ -355,7 +481,11 @@ class Trainer:
                     stats["ratio_max"] = torch.maximum(stats["ratio_max"], ratio.max())
                     stats["clipped"] += out.clip_fraction.detach() * n
                     count += n
+                if self.dp.enabled and not self.sharded:
+                    sum_gradients(self.params)  # DDP-style: one flat all-reduce over all processes
                 grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.trainer.grad_clip or math.inf)
+                if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP: the same global norm on every rank
+                    grad_norm = grad_norm.full_tensor()
                 if not torch.isfinite(grad_norm):
                     # One bad batch must not poison the weights of a long run: drop the update, count it.
                     log.warning("iteration %d update %d: non-finite grad norm, update skipped", self.iteration, u)
@@ -366,6 +496,8 @@ class Trainer:
                 self._update_ema()
                 grad_norms.append(grad_norm.detach())
                 stats["loss"] += update_loss
+        if self.dp.size > 1:
+            count = self._reduce_stats(stats, count)
         host = {k: v.item() for k, v in stats.items()}
         if host["first_dev"] > 0:
             log.warning("iteration %d: first-update log-prob deviation %.3g (expected exactly 0): old and new "
@@ -383,6 +515,20 @@ class Trainer:
             "updates": len(grad_norms),
             "skipped_updates": skipped,
         }
+
+    def _reduce_stats(self, stats: dict[str, torch.Tensor], count: int) -> int:
+        """Combine the update statistics of the data-parallel ranks in place; returns the global count."""
+        group = self.dp.group
+        sums = torch.stack([stats[k] for k in ("ratio_sum", "clipped", "kl", "loss")]
+                           + [torch.tensor(float(count), device=self.device)])
+        dist.all_reduce(sums, group=group)
+        for k, v in zip(("ratio_sum", "clipped", "kl", "loss"), sums):
+            stats[k] = v
+        dist.all_reduce(stats["ratio_min"], op=dist.ReduceOp.MIN, group=group)
+        maxima = torch.stack([stats["ratio_max"], stats["first_dev"]])
+        dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
+        stats["ratio_max"], stats["first_dev"] = maxima[0], maxima[1]
+        return int(sums[-1].item())
 
     def _frozen_reference(self):
         """The initial policy for the KL term: the adapter's own (LoRA: adapters switched off,
@@ -454,19 +600,37 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self) -> Path:
+        """Checkpoint the training state; under torchrun every rank calls it (sharded, DCP)."""
         extra = {"iteration": self.iteration, "base_eval": self.base_eval}
         ema = {k: v for k, v in self.ema.items()} if self.ema is not None else None
+        if self.dp.enabled:
+            from .distributed.dist_checkpoint import save_sharded_checkpoint
+            return save_sharded_checkpoint(self.run_dir, self.iteration, model=self.policy, optimizer=self.optimizer,
+                                           scheduler=self.scheduler, ema=ema, extra=extra,
+                                           keep_last=self.cfg.trainer.keep_last)
         return save_checkpoint(self.run_dir, self.iteration, model=self.policy, optimizer=self.optimizer,
                                scheduler=self.scheduler, ema=ema, extra=extra,
                                keep_last=self.cfg.trainer.keep_last)
 
     def resume(self, path: str | Path | None = None) -> bool:
-        """Load the newest valid checkpoint of the run folder (or `path`); False if none."""
+        """Load the newest valid checkpoint of the run folder (or `path`); False if none.
+
+        A sharded checkpoint loads on any number of processes; a single-process one on any
+        number of processes without FSDP (every rank reads the whole file).
+        """
+        from .distributed.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint
         path = Path(path) if path else latest_checkpoint(self.run_dir)
         if path is None:
             return False
-        state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
-                                ema=self.ema)
+        if is_sharded_checkpoint(path):
+            state = load_sharded_checkpoint(path, model=self.policy, optimizer=self.optimizer,
+                                            scheduler=self.scheduler, ema=self.ema)
+        elif self.sharded:
+            raise ValueError(f"{path} is a single-process checkpoint, which FSDP cannot load yet: resume it on "
+                             "several processes without parallel.fsdp first: its next checkpoint is sharded")
+        else:
+            state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
+                                    ema=self.ema)
         self.iteration = state["extra"]["iteration"]
         self.base_eval = state["extra"].get("base_eval")
         log.info("resumed from %s at iteration %d", path, self.iteration)
@@ -475,49 +639,81 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def train(self, iterations: int | None = None, resume: bool = False, progress: bool = True) -> list[dict]:
         """Run until `iterations` (default: the config's) are done; checkpoint and log as configured."""
+        """Run until `iterations` (default: the config's) are done; checkpoint and log as configured.
+
+        Under torchrun every rank runs this loop; rank 0 alone writes logs, images and reports.
+        """
         cfg = self.cfg
         total = iterations or cfg.trainer.iterations
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, self.run_dir / "config.yaml")
+        main = self.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
         resumed = self.resume() if resume else False
-        logger = MetricsLogger(self.run_dir, resume=resumed, console=False)
+        logger = MetricsLogger(self.run_dir, resume=resumed, console=False) if main else _SilentLogger()
         if resumed:
             logger.truncate_after(self.iteration)
         handlers = self._install_stop_handlers()
         try:
             if self.base_eval is None and self.eval_prompts:
                 self.base_eval = self.evaluate(return_images=True)
-                save_eval_images(self.run_dir, "base", self.base_eval.pop("images"))
+                images = self.base_eval.pop("images")
+                if main:
+                    save_eval_images(self.run_dir, "base", images)
                 logger.log(0, self.base_eval)
             bar = tqdm(total=total, initial=self.iteration, desc="dancegrpo", unit="it",
-                       disable=not progress, dynamic_ncols=True)
+                       disable=not progress or not main, dynamic_ncols=True)
             while self.iteration < total and not self._stop_requested:
+                _crash_for_test(self.iteration)
                 metrics = self.step()
                 if cfg.trainer.eval_every and self.iteration % cfg.trainer.eval_every == 0 and self.iteration < total:
                     metrics.update(self.evaluate())
                 self.metrics.append(metrics)
                 logger.log(self.iteration, metrics)
-                if self.iteration % cfg.trainer.log_every == 0:
+                if main and self.iteration % cfg.trainer.log_every == 0:
                     tqdm.write(logger.console_line(self.iteration, metrics, self._console_keys(metrics)))
                 bar.update(1)
+                if self.dp.enabled:  # a signal seen by one rank stops all of them at the same iteration
+                    self._stop_requested = agree_any(self._stop_requested, self.device)
                 if (self.iteration % cfg.trainer.checkpoint_every == 0 or self.iteration == total
                         or self._stop_requested):
                     self.save()
             bar.close()
             if self.iteration >= total:
-                with self._ema_weights():
-                    self.adapter.save_pretrained(self.run_dir / "final_model")
+                self._save_final_model()
             if self.iteration >= total and self.eval_prompts:
                 final = self.evaluate(return_images=True)
-                save_eval_images(self.run_dir, "final", final.pop("images"))
-                logger.log(self.iteration, final)
+                images = final.pop("images")
                 self.final_eval = final
-                self.summary = write_report(self.run_dir, self.base_eval, final, self.eval_prompts)
-                tqdm.write(self.summary)
+                if main:
+                    save_eval_images(self.run_dir, "final", images)
+                    logger.log(self.iteration, final)
+                    self.summary = write_report(self.run_dir, self.base_eval, final, self.eval_prompts)
+                    tqdm.write(self.summary)
         finally:
             self._restore_stop_handlers(handlers)
             logger.close()
         return self.metrics
+
+    def _save_final_model(self) -> None:
+        """`final_model/` in the model's own format (EMA weights if kept), written by rank 0.
+
+        Under FSDP the full weights are gathered to rank 0's CPU and loaded into a fresh,
+        unsharded copy of the model read from model.path, which writes the files.
+        """
+        with self._ema_weights():
+            if not self.sharded:
+                if self.is_main:
+                    self.adapter.save_pretrained(self.run_dir / "final_model")
+                return
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+            full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.is_main:
+            cfg = self.cfg.model
+            fresh = load_model(cfg.name, cfg.path, cfg.options)
+            fresh.trainable.load_state_dict(full)
+            fresh.save_pretrained(self.run_dir / "final_model")
+        dist.barrier()
 
     def _console_keys(self, metrics: dict) -> list[str]:
         """Rewards, loss and ratio health always; faults, skips and eval only when present."""

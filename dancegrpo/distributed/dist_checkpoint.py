@@ -1,0 +1,162 @@
+"""Sharded training checkpoints with torch.distributed.checkpoint (DCP), loadable on any world size.
+
+Layout of one checkpoint, ``<run_dir>/checkpoints/step_<NNNNNNNN>/`` (the same folder names as
+the single-process format of dancegrpo.checkpoint, so listing, pruning and `latest_checkpoint`
+are shared):
+
+- ``dcp/``        DCP files: every rank's shards of the model, the optimizer state and the EMA
+                  weights, keyed by parameter name (``model.*``, ``optimizer.*``, ``ema.*``)
+- ``meta.json``   format, step, world size it was written with, LR-scheduler state, user
+                  ``extra``, the size of every DCP file, and a checksum of itself
+
+Atomicity: rank 0 makes ``.tmp-step_<N>``; all ranks write their shards into it; after a
+barrier rank 0 writes ``meta.json`` (fsynced) and renames the folder to ``step_<N>``. A folder
+without a valid ``meta.json`` is never listed as a checkpoint.
+
+Resharding: DCP stores each tensor's global shape and which slice each file holds; loading
+reads the slices the loading ranks need, so a checkpoint written by 2 FSDP ranks loads into
+1 process without FSDP, and the other way round. RNG state is not stored: every draw of the
+trainer comes from generators seeded by (seed, iteration, rank).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+
+from ..checkpoint import (CheckpointError, TMP_PREFIX, _checkpoints_dir, _decode, _encode, _fsync_dir, _prune,
+                          _publish, _step_dir_name)
+
+FORMAT = "dancegrpo-dcp-1"
+DCP_DIR = "dcp"
+META_FILE = "meta.json"
+
+
+def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
+    return (Path(path) / DCP_DIR).is_dir()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _digest(meta: Mapping[str, Any]) -> str:
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    ema: Mapping[str, torch.Tensor] | None) -> dict[str, Any]:
+    """The DCP state dict: model and optimizer keyed by parameter name (sharded or not), EMA as is."""
+    state: dict[str, Any] = {"model": get_model_state_dict(model)}
+    if optimizer is not None:
+        state["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    if ema is not None:
+        state["ema"] = dict(ema)
+    return state
+
+
+def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.Module,
+                            optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
+                            ema: Mapping[str, torch.Tensor] | None = None, extra: Mapping[str, Any] | None = None,
+                            keep_last: int | None = 2) -> Path:
+    """Write ``<run_dir>/checkpoints/step_<step>`` with DCP; every rank must call it (a collective).
+
+    Keeps the newest ``keep_last`` checkpoints. Returns the checkpoint folder on every rank.
+    """
+    root = _checkpoints_dir(run_dir)
+    final_dir = root / _step_dir_name(step)
+    tmp_dir = root / f"{TMP_PREFIX}{final_dir.name}"
+    if _rank() == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp_dir, ignore_errors=True)  # a leftover of a killed save of this step
+        (tmp_dir / DCP_DIR).mkdir(parents=True)
+    _barrier()
+    dcp.save(_training_state(model, optimizer, ema), checkpoint_id=tmp_dir / DCP_DIR)
+    _barrier()  # every shard is written before the checkpoint becomes visible
+    if _rank() == 0:
+        files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted((tmp_dir / DCP_DIR).rglob("*"))
+                 if p.is_file()}
+        meta = {"format": FORMAT, "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "scheduler": _encode(scheduler.state_dict(), "", None) if scheduler is not None else None,
+                "has_optimizer": optimizer is not None, "has_ema": ema is not None,
+                "extra": json.loads(json.dumps(dict(extra or {}), default=float)), "files": files}
+        meta["meta_sha256"] = _digest(meta)
+        with open(tmp_dir / META_FILE, "w", encoding="utf-8") as f:
+            json.dump(meta, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp_dir)
+        _publish(tmp_dir, final_dir)
+        _prune(root, final_dir, keep_last)
+    _barrier()
+    return final_dir
+
+
+def verify_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """Check ``meta.json`` (checksum, format) and the size of every DCP file; returns the metadata."""
+    ckpt = Path(path)
+    meta_path = ckpt / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path} is missing: the sharded checkpoint is incomplete (expected "
+                              f"{ckpt}/{META_FILE} next to {ckpt}/{DCP_DIR}/)")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{meta_path} is unreadable or corrupted: {err}") from err
+    if not isinstance(meta, dict) or meta.get("meta_sha256") != _digest(meta):
+        raise CheckpointError(f"{meta_path} is corrupted (its checksum does not match its content)")
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path} has format {meta.get('format')!r}; this dancegrpo reads {FORMAT!r}")
+    for name, size in meta["files"].items():
+        file = ckpt / name
+        if not file.is_file():
+            raise CheckpointError(f"{file} is missing")
+        if file.stat().st_size != size:
+            raise CheckpointError(f"{file} is corrupted: size {file.stat().st_size} bytes, expected {size}")
+    return meta
+
+
+def load_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module,
+                            optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
+                            ema: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Restore the given objects in place from a DCP checkpoint written on any number of ranks.
+
+    Every rank of the loading job calls it (or one process without a process group).
+    Returns ``{"step": int, "extra": dict, "world_size": int}``.
+    """
+    ckpt = Path(path)
+    meta = verify_sharded_checkpoint(ckpt)
+    for what, given, key in (("optimizer", optimizer, "has_optimizer"), ("EMA", ema, "has_ema")):
+        if given is not None and not meta[key]:
+            raise CheckpointError(f"{ckpt} has no {what} state; pass {what.lower()}=None")
+    state = _training_state(model, optimizer, ema)
+    try:
+        dcp.load(state, checkpoint_id=ckpt / DCP_DIR)
+    except Exception as err:  # DCP names the missing / mismatched keys
+        raise CheckpointError(f"{ckpt / DCP_DIR} does not fit this model/optimizer: {err}") from err
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    if ema is not None:  # loaded in place into the given tensors (plain or sharded)
+        for name, value in state["ema"].items():
+            if ema[name] is not value:
+                ema[name].copy_(value)
+    if scheduler is not None and meta["scheduler"] is not None:
+        scheduler.load_state_dict(_decode(meta["scheduler"], None, str(ckpt / META_FILE)))
+    return {"step": int(meta["step"]), "extra": meta["extra"], "world_size": int(meta["world_size"])}

@@ -1,0 +1,54 @@
+"""Wrapping the trainable denoiser for scale-out: checkpointing, then compile, then FSDP2 sharding.
+
+The order matters: activation checkpointing is innermost so recomputation happens inside the
+block the compiler sees and inside FSDP's per-block all-gather; sharding comes last so each
+block is one all-gather / reduce-scatter unit.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+from . import blocks
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def apply_block_wrappers(model: nn.Module, activation_checkpointing: str = "none", every_n_blocks: int = 1,
+                         compile_blocks: bool = False) -> None:
+    """Activation checkpointing, then torch.compile, per transformer block (in place)."""
+    if activation_checkpointing != "none":
+        blocks.apply_activation_checkpointing(model, activation_checkpointing, every_n_blocks)
+    if compile_blocks:
+        blocks.compile_blocks(model)
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: str = "fp32", reduce_dtype: str = "fp32",
+                cpu_offload: bool = False) -> nn.Module:
+    """FSDP2: `fully_shard` each transformer block, then the root (in place; returns `model`).
+
+    param_dtype is the dtype blocks compute in after the all-gather, reduce_dtype that of the
+    gradient reduce-scatter; the sharded master weights stay in their own dtype (fp32).
+    """
+    for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
+        if value not in DTYPES:
+            raise ValueError(f"parallel.fsdp.{name} = {value!r}: must be one of {', '.join(DTYPES)}")
+    units = blocks.transformer_blocks(model)
+    if not units:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to shard one by one "
+                         "(expected transformer_blocks / single_transformer_blocks or UNet blocks)")
+    options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype],
+                                                             reduce_dtype=DTYPES[reduce_dtype]))
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for block in units:
+        fully_shard(block, **options)
+    fully_shard(model, **options)
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)

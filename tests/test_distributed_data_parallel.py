@@ -1,0 +1,155 @@
+"""Data-parallel GRPO on 2 gloo processes equals one process on the same prompts and noise.
+
+Each rank runs one real `Trainer.step()` (rollout, rewards, advantages, one update) and records
+what it trained on. The reference is a single-process Trainer that recomputes the rewards and
+advantages of the union of the ranks' samples itself, and takes one update on them: its weights
+must equal every rank's weights after the step (fp32, 1e-5), with and without FSDP.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from dancegrpo import grpo
+from dancegrpo.data import prompts_for_iteration
+from dancegrpo.distributed.data_parallel import DataParallel
+from dancegrpo.models import repeat_cond
+from dancegrpo.rollout import Rollout
+from dancegrpo.trainer import Trainer
+
+WORLD = 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _full_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    return {k: v.detach().clone() for k, v in
+            get_model_state_dict(trainer.policy, options=StateDictOptions(full_state_dict=True)).items()}
+
+
+def _worker(rank: int, port: int, config: dict, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        trainer = Trainer(config)
+        assert trainer.dp.size == WORLD and trainer.dp.rank == rank and trainer.is_main == (rank == 0)
+        seen = {}
+        original = trainer._update
+
+        def recording_update(rollout, advantages, valid, cond, plan_gen):
+            seen.update(latents=rollout.latents.clone(), log_probs=rollout.log_probs.clone(),
+                        chunks=[c.clone() for c in rollout.chunks], advantages=advantages.clone(),
+                        valid=valid.clone(), cond={k: v.clone() for k, v in cond.items()})
+            return original(rollout, advantages, valid, cond, plan_gen)
+
+        trainer._update = recording_update
+        metrics = trainer.step()
+        torch.save({"batch": seen, "weights": _full_weights(trainer), "metrics": metrics},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _config(tiny_config: dict, placement: str, fsdp: bool) -> dict:
+    cfg = copy.deepcopy(tiny_config)
+    cfg["data"]["eval_prompts"] = ""
+    cfg["grpo"].update(prompts_per_iteration=4, group_size=4, tau=1.0)
+    # tau 1 and one update: the update holds every (chunk, step) pair, as in the reference.
+    cfg["trainer"].update(updates_per_iteration=1, micro_batch_size=4, iterations=1)
+    cfg["parallel"] = {"group_placement": placement, "fsdp": fsdp}
+    return cfg
+
+
+def _global_batch(ranks: list[dict], placement: str, num_prompts: int, group_size: int):
+    """The ranks' samples in single-process (group-major) order, and their chunks in global rows."""
+    total = num_prompts * group_size
+    first = ranks[0]["batch"]
+    latents = first["latents"].new_empty((total, *first["latents"].shape[1:]))
+    log_probs = first["log_probs"].new_empty((total, *first["log_probs"].shape[1:]))
+    advantages, valid = torch.empty(total), torch.empty(total, dtype=torch.bool)
+    cond = {k: v.new_empty((total, *v.shape[1:])) for k, v in first["cond"].items()}
+    chunks = []
+    for rank, data in enumerate(ranks):
+        batch = data["batch"]
+        rows = DataParallel(rank=rank, size=WORLD, placement=placement).local_rows(num_prompts, group_size)
+        latents[rows], log_probs[rows] = batch["latents"], batch["log_probs"]
+        advantages[rows], valid[rows] = batch["advantages"], batch["valid"]
+        for k in cond:
+            cond[k][rows] = batch["cond"][k]
+        chunks += [rows[c] for c in batch["chunks"]]
+    return Rollout(latents, log_probs, chunks), advantages, valid, cond
+
+
+@pytest.mark.parametrize("placement,fsdp", [("rank", False), ("spread", True)])
+def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, placement, fsdp):
+    cfg = _config(tiny_config, placement, fsdp)
+    mp.spawn(_worker, args=(_free_port(), cfg, str(tmp_path)), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    single = copy.deepcopy(cfg)
+    del single["parallel"]
+    reference = Trainer(single)
+    g = reference.cfg.grpo
+    rollout, advantages, valid, cond = _global_batch(ranks, placement, g.prompts_per_iteration, g.group_size)
+
+    # The ranks together rolled out the single-process prompts, each group from its shared noise.
+    prompts = prompts_for_iteration(reference.train_prompts, 0, g.prompts_per_iteration, reference.cfg.run.seed)
+    expected_cond = repeat_cond(reference.adapter.encode_prompts(prompts), g.group_size)
+    for key, value in expected_cond.items():
+        torch.testing.assert_close(cond[key], value, rtol=0, atol=0)
+    noise = grpo.shared_group_noise(len(prompts), g.group_size, reference.adapter.latent_shape(),
+                                    generator=reference._generator("rollout", 0))
+    torch.testing.assert_close(rollout.latents[:, 0], noise, rtol=0, atol=0)
+    first_step = rollout.latents[:, 1].reshape(len(prompts), g.group_size, -1)
+    assert (first_step[:, 1:] != first_step[:, :1]).any(-1).all()  # SDE noise differs within every group
+    if placement == "spread":  # a group's halves on the two ranks: distinct SDE noise per rank
+        half = g.group_size // WORLD
+        assert not torch.equal(first_step[:, :half], first_step[:, half:])
+
+    # Advantages: the single-process computation on the union of the final samples.
+    scores = reference.rewards.score(reference.adapter.decode(rollout.final), [p for p in prompts
+                                                                              for _ in range(g.group_size)])
+    expected = grpo.aggregate_advantages(scores.values, reference.rewards.weights, g.group_size, valid=scores.valid)
+    torch.testing.assert_close(advantages, expected, rtol=1e-5, atol=1e-6)
+    assert valid.all()
+    for data in ranks:  # metrics are global: every rank reports the mean over all samples
+        torch.testing.assert_close(data["metrics"]["reward/rewards_for_tests:mean_brightness_mean"],
+                                   scores.values["rewards_for_tests:mean_brightness"].mean().item(),
+                                   rtol=1e-5, atol=1e-6)
+
+    before = {k: v.clone() for k, v in reference.policy.state_dict().items()}
+    reference._update(rollout, expected, valid, cond, reference._generator("plan", 0))
+    after = reference.policy.state_dict()
+    assert any(not torch.equal(after[k], before[k]) for k in after)
+    for rank, data in enumerate(ranks):
+        assert data["weights"].keys() == after.keys()
+        for name, value in after.items():
+            torch.testing.assert_close(data["weights"][name], value, rtol=1e-5, atol=1e-5,
+                                       msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+
+
+def test_prompts_per_iteration_must_split_over_ranks():
+    with pytest.raises(ValueError, match=r"grpo.prompts_per_iteration = 3 is not divisible by the 2"):
+        DataParallel(rank=0, size=2, placement="rank").check_sizes(3, 4)
+    with pytest.raises(ValueError, match=r"grpo.group_size = 6 is not divisible by the 4"):
+        DataParallel(rank=0, size=4, placement="spread").check_sizes(4, 6)
+
+
+def test_local_rows_partition_the_batch():
+    for placement in ("rank", "spread"):
+        rows = torch.cat([DataParallel(rank=r, size=2, placement=placement).local_rows(4, 6) for r in range(2)])
+        assert sorted(rows.tolist()) == list(range(24))
+    spread = DataParallel(rank=1, size=2, placement="spread").local_rows(2, 4)
+    assert spread.tolist() == [2, 3, 6, 7]

@@ -1,0 +1,322 @@
+"""Training throughput and MFU of the FLUX.1-dev and HunyuanVideo denoisers on one GPU.
+
+    python -m bench.throughput [--model flux hunyuan_video] [--settings none,full,selective,full+compile,...]
+                               [--batch N] [--iterations 10] [--warmup 3] [--peak-tflops X]
+    python -m bench.throughput --tiny      # tiny configs, any device (what the test runs on a CPU)
+
+What is timed: the denoiser part of one GRPO training micro-step, forward and backward
+through the real diffusers class built from the published config (random weights, bf16
+parameters and gradients, as FSDP's bf16 compute copy holds them) at the recipe's
+resolution and micro-batch (configs/flux_hps.yaml: 720x720, 2025 image + 512 text tokens;
+configs/hunyuan_t2v.yaml: 480x480x53, 14x30x30 = 12600 video + 256 text tokens), followed
+by a latent-sized loss. The optimizer step, the SDE log-prob arithmetic (element-wise on
+the latent) and collectives are not included.
+
+Rows (bench/results/throughput.csv): samples/s and tokens/s per GPU (tokens = the image or
+video tokens of the samples; the text tokens ride along and are not counted), the model
+TFLOP per step and the achieved TFLOP/s, MFU and HFU, and the peak memory allocated.
+
+Settings: activation checkpointing none | full | selective (dancegrpo.distributed.blocks),
+each optionally "+compile" (compile_blocks: torch.compile per block). A setting that runs
+out of memory is recorded with status "OOM".
+
+FLOPs (`forward_flops`, exact for the matrix products and attention; tests compare it with
+torch.utils.flop_counter on tiny configs). With d = heads x head_dim, N_i image/video tokens,
+N_t text tokens, N = N_i + N_t and lin(n, a, b) = 2 n a b for a linear layer on n rows:
+- double-stream block: lin(N, d, 3d) (q, k, v) + 4 N^2 d (QK^T and AV) + lin(N, d, d) (out)
+  + lin(N, d, r d) + lin(N, r d, d) (MLP, r = 4) + 2 lin(1, d, 6d) (modulation) = 24 N d^2 + 4 N^2 d + ...
+- single-stream block: lin(N, d, 3d) + 4 N^2 d + lin(N, d, r d) + lin(N, (1 + r) d, d) + lin(1, d, 3d);
+- HunyuanVideo's text token refiner blocks: the same as a double block on N_t text tokens only;
+- embeddings (patch / text projections, timestep, guidance, pooled text) and the output head.
+Non-matmul work (norms, RoPE, activations) is not counted. A training step is counted as
+3 x forward (backward = 2 x forward) whatever the checkpointing: MFU counts the model's
+FLOPs, not the recomputation's (which "hfu" in the CSV adds: +1 forward for full).
+MFU = 3 x forward FLOPs x samples/s / (peak dense bf16 FLOP/s of the device): H100 SXM, H800
+and H200: 989 TFLOP/s; A100: 312.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.machine import REPO, RESULTS, append_csv_row, commit, device_name, load_average, today  # noqa: E402
+from dancegrpo.distributed.blocks import apply_activation_checkpointing, compile_blocks  # noqa: E402
+from dancegrpo.memory_estimate import FLUX_DEV_TRANSFORMER, HUNYUAN_VIDEO_TRANSFORMER, denoiser_inputs  # noqa: E402
+
+CSV = RESULTS / "throughput.csv"
+FIELDS = ["model", "shape", "batch", "image_tokens", "text_tokens", "checkpointing", "compile", "dtype", "status",
+          "step_s", "samples_per_s", "tokens_per_s", "model_tflop_per_step", "achieved_tflops", "peak_tflops", "mfu",
+          "hfu", "peak_memory_gib", "iterations", "device", "load_average", "commit", "date"]
+
+# Dense bf16 tensor-core peak (no sparsity), by a substring of torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0}
+
+# The models at full size (published configs) and at test size (the configs of tests/test_distributed_blocks.py).
+MODELS = {"flux": ("FluxTransformer2DModel", FLUX_DEV_TRANSFORMER, "configs/flux_hps.yaml"),
+          "hunyuan_video": ("HunyuanVideoTransformer3DModel", HUNYUAN_VIDEO_TRANSFORMER, "configs/hunyuan_t2v.yaml")}
+TINY = {"flux": (dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8,
+                      num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=32, guidance_embeds=True,
+                      axes_dims_rope=(2, 2, 4)),
+                 dict(height=64, width=64, max_sequence_length=8), 2),
+        "hunyuan_video": (dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                               num_layers=2, num_single_layers=2, num_refiner_layers=2, patch_size=2, patch_size_t=1,
+                               text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(2, 2, 4),
+                               guidance_embeds=True),
+                          dict(height=64, width=64, frames=5, max_sequence_length=8), 2)}
+TEXT_TOKENS = {"flux": 512, "hunyuan_video": 256}   # the prompt caches' sequence lengths (T5 512, Llama 256)
+SETTINGS = ("none", "full", "selective", "full+compile", "selective+compile")
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes and FLOPs
+
+def token_counts(model_name: str, config: dict, options: dict) -> tuple[int, int]:
+    """(image or video tokens, text tokens) of one sample, as the adapters feed the transformer."""
+    h, w = options["height"] // 8, options["width"] // 8   # the VAEs' 8x spatial compression
+    text = options.get("max_sequence_length", TEXT_TOKENS[model_name])
+    if model_name == "flux":
+        return (h // 2) * (w // 2), text                     # 2x2 packing
+    frames = (options.get("frames", 1) - 1) // 4 + 1         # 4x temporal compression after the first frame
+    p, pt = config.get("patch_size", 2), config.get("patch_size_t", 1)
+    return (frames // pt) * (h // p) * (w // p), text
+
+
+def _lin(rows: int, fan_in: int, fan_out: int) -> int:
+    return 2 * rows * fan_in * fan_out
+
+
+def _double_block(n: int, d: int, hidden: int) -> int:
+    """A double-stream block on n = image + text tokens (each stream has its own weights; FLOPs add up)."""
+    return (_lin(n, d, 3 * d) + 4 * n * n * d + _lin(n, d, d) + _lin(n, d, hidden) + _lin(n, hidden, d)
+            + 2 * _lin(1, d, 6 * d))
+
+
+def _single_block(n: int, d: int, hidden: int) -> int:
+    return _lin(n, d, 3 * d) + 4 * n * n * d + _lin(n, d, hidden) + _lin(n, d + hidden, d) + _lin(1, d, 3 * d)
+
+
+def _embedder(fan_in: int, d: int) -> int:    # Linear(fan_in, d) -> SiLU -> Linear(d, d), once per sample
+    return _lin(1, fan_in, d) + _lin(1, d, d)
+
+
+def forward_flops(model_name: str, config: dict, image_tokens: int, text_tokens: int, batch: int = 1) -> int:
+    """Matmul + attention FLOPs of one forward of the denoiser (see the module docstring)."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    ni, nt = image_tokens, text_tokens
+    n = ni + nt
+    guidance = _embedder(256, d) if config.get("guidance_embeds") else 0
+    if model_name == "flux":
+        hidden = int(d * config.get("mlp_ratio", 4.0))
+        p = config.get("patch_size", 1)
+        out_channels = config.get("out_channels") or config["in_channels"]
+        total = (_embedder(256, d) + guidance + _embedder(config["pooled_projection_dim"], d)
+                 + _lin(ni, config["in_channels"], d) + _lin(nt, config["joint_attention_dim"], d)
+                 + config["num_layers"] * _double_block(n, d, hidden)
+                 + config["num_single_layers"] * _single_block(n, d, hidden)
+                 + _lin(1, d, 2 * d) + _lin(ni, d, p * p * out_channels))
+    elif model_name in ("hunyuan_video", "skyreels_i2v"):
+        hidden = int(d * config.get("mlp_ratio", 4.0))
+        p, pt = config.get("patch_size", 2), config.get("patch_size_t", 1)
+        text_dim = config["text_embed_dim"]
+        refiner_hidden = 4 * d   # diffusers builds the token refiner with its default MLP ratio 4, not the config's
+        refiner_block = (_lin(nt, d, 3 * d) + 4 * nt * nt * d + _lin(nt, d, d) + _lin(nt, d, refiner_hidden)
+                         + _lin(nt, refiner_hidden, d) + _lin(1, d, 2 * d))
+        total = (_embedder(256, d) + guidance + _embedder(config["pooled_projection_dim"], d)
+                 + _lin(ni, config["in_channels"] * pt * p * p, d)                     # patch embedding (a conv)
+                 + _embedder(256, d) + _embedder(text_dim, d) + _lin(nt, text_dim, d)  # the token refiner's inputs
+                 + config.get("num_refiner_layers", 2) * refiner_block
+                 + config["num_layers"] * _double_block(n, d, hidden)
+                 + config["num_single_layers"] * _single_block(n, d, hidden)
+                 + _lin(1, d, 2 * d) + _lin(ni, d, pt * p * p * config["out_channels"]))
+    else:
+        raise ValueError(f"forward_flops: model {model_name!r} is not counted (known: flux, hunyuan_video)")
+    return batch * total
+
+
+def peak_tflops(device: str) -> float | None:
+    """Dense bf16 peak of a device by name, or None if unknown (pass --peak-tflops)."""
+    for key, value in PEAK_BF16_TFLOPS.items():
+        if key in device:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The measurement
+
+@dataclass
+class Workload:
+    model_name: str
+    class_name: str
+    config: dict
+    options: dict
+    batch: int
+
+    @property
+    def tokens(self) -> tuple[int, int]:
+        return token_counts(self.model_name, self.config, self.options)
+
+    @property
+    def shape(self) -> str:
+        o = self.options
+        return f"{o['height']}x{o['width']}" + (f"x{o['frames']}" if "frames" in o else "")
+
+
+def recipe_workload(model_name: str, batch: int | None = None, tiny: bool = False) -> Workload:
+    """The recipe's resolution and micro-batch (configs/*.yaml), or the tiny test size."""
+    class_name, config, recipe = MODELS[model_name]
+    if tiny:
+        config, options, micro_batch = TINY[model_name]
+    else:
+        cfg = yaml.safe_load((REPO / recipe).read_text())
+        keys = ("height", "width", "frames")
+        options = {k: v for k, v in cfg["model"]["options"].items() if k in keys}
+        micro_batch = cfg["trainer"]["micro_batch_size"]
+    return Workload(model_name, class_name, dict(config), dict(options), batch or micro_batch)
+
+
+def build_denoiser(work: Workload, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The diffusers class from its config, random weights, created on `device` (no host copy)."""
+    import diffusers
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = getattr(diffusers, work.class_name).from_config(work.config)
+    return model.to(dtype).train()
+
+
+def _inputs(work: Workload, device: torch.device, dtype: torch.dtype) -> dict:
+    options = {**work.options, "max_sequence_length": work.tokens[1]}
+    raw = denoiser_inputs(work.model_name, work.config, options, work.batch)
+    return {k: v.to(device, dtype) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in raw.items()}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_training_step(model: torch.nn.Module, inputs: dict, device: torch.device, iterations: int,
+                       warmup: int) -> tuple[float, float | None]:
+    """(median seconds per forward + backward, peak GiB allocated on CUDA or None)."""
+    def step() -> None:
+        for p in model.parameters():
+            p.grad = None                      # as zero_grad(set_to_none=True) before each micro-step's backward
+        out = model(**inputs)[0]
+        out.float().square().mean().backward()
+
+    for _ in range(warmup):                    # compilation and allocator warm-up
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(iterations):
+        _sync(device)
+        start = time.perf_counter()
+        step()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated(device) / 1024 ** 3 if device.type == "cuda" else None
+    return sorted(times)[len(times) // 2], peak
+
+
+def parse_setting(setting: str) -> tuple[str, bool]:
+    """"selective+compile" -> ("selective", True)."""
+    mode, _, extra = setting.partition("+")
+    if mode not in ("none", "full", "selective") or extra not in ("", "compile"):
+        raise ValueError(f"setting {setting!r}: use none | full | selective, optionally with +compile "
+                         f"(e.g. {', '.join(SETTINGS)})")
+    return mode, extra == "compile"
+
+
+def measure(work: Workload, setting: str, device: torch.device, dtype: torch.dtype, iterations: int, warmup: int,
+            peak: float | None, compile_kwargs: dict | None = None) -> dict:
+    """One CSV row: throughput, FLOP rates and memory of `work` under `setting`."""
+    mode, compiled = parse_setting(setting)
+    gc.collect()   # what a previous setting (an OOM's traceback) may still hold
+    image_tokens, text_tokens = work.tokens
+    flops = 3 * forward_flops(work.model_name, work.config, image_tokens, text_tokens, work.batch)
+    recompute = forward_flops(work.model_name, work.config, image_tokens, text_tokens, work.batch) \
+        if mode == "full" else 0
+    row = dict(model=work.model_name, shape=work.shape, batch=work.batch, image_tokens=image_tokens,
+               text_tokens=text_tokens, checkpointing=mode, compile=compiled, dtype=str(dtype).replace("torch.", ""),
+               model_tflop_per_step=f"{flops / 1e12:.6g}", peak_tflops=peak or "", iterations=iterations,
+               device=device_name(device), load_average=load_average(), commit=commit(), date=today())
+    model = None
+    try:
+        model = build_denoiser(work, device, dtype)
+        apply_activation_checkpointing(model, mode)
+        if compiled:
+            compile_blocks(model, **(compile_kwargs or {}))
+        seconds, memory = time_training_step(model, _inputs(work, device, dtype), device, iterations, warmup)
+    except torch.OutOfMemoryError:
+        row.update(status="OOM")
+        return row
+    finally:
+        del model
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        torch._dynamo.reset()
+    achieved = flops / seconds
+    row.update(status="ok", step_s=f"{seconds:.6g}", samples_per_s=f"{work.batch / seconds:.6g}",
+               tokens_per_s=f"{work.batch * image_tokens / seconds:.6g}", achieved_tflops=f"{achieved / 1e12:.6g}",
+               mfu=f"{achieved / (peak * 1e12):.6g}" if peak else "",
+               hfu=f"{(flops + recompute) / seconds / (peak * 1e12):.6g}" if peak else "",
+               peak_memory_gib=f"{memory:.2f}" if memory is not None else "")
+    return row
+
+
+def main(argv: list[str] | None = None, measure_fn: Callable[..., dict] = measure) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--settings", default=",".join(SETTINGS),
+                        help=f"comma-separated checkpointing[+compile] settings (default {','.join(SETTINGS)})")
+    parser.add_argument("--batch", type=int, default=None, help="samples per micro-step (default: the recipe's)")
+    parser.add_argument("--iterations", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--device", default=None, help="default cuda; cpu only with --tiny")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense peak, if not known")
+    parser.add_argument("--compile-backend", default="inductor")
+    parser.add_argument("--tiny", action="store_true", help="tiny configs and shapes (a functional check, any device)")
+    parser.add_argument("--csv", type=Path, default=CSV)
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type != "cuda" and not args.tiny:
+        parser.exit(2, f"bench.throughput: device {device} is not a GPU; the full-size FLUX (12 B) and "
+                       f"HunyuanVideo (13 B) steps need one (run on a CUDA machine, or pass --tiny for a "
+                       f"functional check with tiny configs)\n")
+    settings = [s.strip() for s in args.settings.split(",") if s.strip()]
+    for setting in settings:
+        parse_setting(setting)
+    name = device_name(device)
+    peak = args.peak_tflops or (peak_tflops(name) if device.type == "cuda" else None)
+    rows = []
+    for model_name in args.model:
+        work = recipe_workload(model_name, args.batch, tiny=args.tiny)
+        for setting in settings:
+            row = measure_fn(work, setting, device, getattr(torch, args.dtype), args.iterations, args.warmup, peak,
+                             {"backend": args.compile_backend})
+            append_csv_row(args.csv, FIELDS, row)
+            rows.append(row)
+            print(f"{model_name} {work.shape} x{work.batch} {setting}: {row.get('status')} "
+                  f"{row.get('samples_per_s', '-')} samples/s, {row.get('tokens_per_s', '-')} tokens/s, "
+                  f"MFU {row.get('mfu') or '-'}, peak {row.get('peak_memory_gib') or '-'} GiB", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,109 @@
+"""bench.throughput: FLOP formula vs torch's FLOP counter, token counts vs the model, the tiny run's CSV rows."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import throughput
+from bench.throughput import (
+    Workload,
+    build_denoiser,
+    forward_flops,
+    peak_tflops,
+    recipe_workload,
+    token_counts,
+)
+from dancegrpo.memory_estimate import denoiser_inputs
+
+# Odd sizes (distinct widths, batch 3, non-square canvas) so that a wrong term cannot cancel out.
+FLUX_ODD = dict(patch_size=1, in_channels=20, out_channels=12, num_layers=2, num_single_layers=1, attention_head_dim=8,
+                num_attention_heads=3, joint_attention_dim=10, pooled_projection_dim=14, guidance_embeds=False,
+                axes_dims_rope=(2, 2, 4))
+HUNYUAN_ODD = dict(in_channels=6, out_channels=5, num_attention_heads=3, attention_head_dim=8, num_layers=1,
+                   num_single_layers=2, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=12,
+                   pooled_projection_dim=20, rope_axes_dim=(2, 2, 4), guidance_embeds=True, mlp_ratio=3.0)
+
+
+def workloads():
+    yield recipe_workload("flux", tiny=True)
+    yield recipe_workload("hunyuan_video", tiny=True)
+    yield Workload("flux", "FluxTransformer2DModel", FLUX_ODD, dict(height=48, width=80, max_sequence_length=7), 3)
+    yield Workload("hunyuan_video", "HunyuanVideoTransformer3DModel", HUNYUAN_ODD,
+                   dict(height=48, width=80, frames=9, max_sequence_length=7), 3)
+
+
+@pytest.mark.parametrize("work", list(workloads()), ids=lambda w: f"{w.model_name}-{w.batch}")
+def test_forward_flops_equal_torch_flop_counter(work):
+    model = build_denoiser(work, torch.device("cpu"), torch.float32)
+    image_tokens, text_tokens = work.tokens
+    seen = {}
+
+    def record(module, args, kwargs):   # the first double-stream block: image and text streams apart
+        names = ("hidden_states", "encoder_hidden_states")
+        values = {**dict(zip(names, args)), **kwargs}
+        seen.update({name: values[name].shape[1] for name in names})
+
+    model.transformer_blocks[0].register_forward_pre_hook(record, with_kwargs=True)
+    inputs = denoiser_inputs(work.model_name, work.config, {**work.options}, work.batch)
+    # The math backend runs attention as matmuls, which the counter sees (the fused CPU kernel it does not).
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**inputs)
+    assert (seen["hidden_states"], seen["encoder_hidden_states"]) == (image_tokens, text_tokens)
+    assert forward_flops(work.model_name, work.config, image_tokens, text_tokens, work.batch) == counter.get_total_flops()
+
+
+def test_recipe_token_counts():
+    flux = recipe_workload("flux")
+    assert (flux.options["height"], flux.options["width"], flux.batch) == (720, 720, 1)
+    assert token_counts("flux", flux.config, flux.options) == (45 * 45, 512)        # 720/8 = 90 latents, 2x2 packed
+    video = recipe_workload("hunyuan_video")
+    assert (video.options["frames"], video.batch) == (53, 1)
+    assert token_counts("hunyuan_video", video.config, video.options) == (14 * 30 * 30, 256)  # 1+52/4 frames, 60/2
+
+
+def test_peak_lookup():
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
+    assert peak_tflops("NVIDIA H200") == 989.0
+    assert peak_tflops("NVIDIA H20") == 148.0
+    assert peak_tflops("NVIDIA A100-SXM4-80GB") == 312.0
+    assert peak_tflops("Some CPU") is None
+
+
+def test_refuses_a_cpu_without_tiny(capsys):
+    with pytest.raises(SystemExit) as exc:
+        throughput.main(["--device", "cpu"])
+    assert exc.value.code == 2 and "--tiny" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="'half'"):
+        throughput.main(["--tiny", "--device", "cpu", "--settings", "half"])
+
+
+def test_tiny_run_writes_consistent_rows(tmp_path):
+    path = tmp_path / "throughput.csv"
+    common = ["--tiny", "--device", "cpu", "--dtype", "float32", "--iterations", "1", "--warmup", "1",
+              "--peak-tflops", "0.5", "--csv", str(path)]
+    rows = throughput.main([*common, "--settings", "none,full"])
+    # compile on one model only: aot_eager (no C++ build) keeps the test short
+    rows += throughput.main([*common, "--model", "flux", "--settings", "selective+compile",
+                             "--compile-backend", "aot_eager"])
+    with path.open() as f:
+        written = list(csv.DictReader(f))
+    assert [(r["model"], r["checkpointing"], r["compile"]) for r in written] == [
+        ("flux", "none", "False"), ("flux", "full", "False"), ("hunyuan_video", "none", "False"),
+        ("hunyuan_video", "full", "False"), ("flux", "selective", "True")]
+    assert len(rows) == 5
+    for row in written:
+        assert row["status"] == "ok" and row["date"] and row["device"]
+        work = recipe_workload(row["model"], tiny=True)
+        image_tokens, text_tokens = work.tokens
+        step = float(row["step_s"])
+        flops = 3 * forward_flops(row["model"], work.config, image_tokens, text_tokens, work.batch)
+        assert float(row["samples_per_s"]) == pytest.approx(work.batch / step, rel=1e-4)
+        assert float(row["tokens_per_s"]) == pytest.approx(work.batch * image_tokens / step, rel=1e-4)
+        assert float(row["model_tflop_per_step"]) == pytest.approx(flops / 1e12, rel=1e-4)
+        assert float(row["mfu"]) == pytest.approx(flops / step / 0.5e12, rel=1e-4)
+        recompute = flops / 3 if row["checkpointing"] == "full" else 0
+        assert float(row["hfu"]) == pytest.approx((flops + recompute) / step / 0.5e12, rel=1e-4)

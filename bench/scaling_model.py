@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.machine import REPO  # noqa: E402
 from bench.throughput import MODELS, forward_flops, recipe_workload  # noqa: E402
 
 BF16 = 2
@@ -306,7 +307,7 @@ def volume_lines(model_name: str, base: Layout) -> list[str]:
     params = parameter_count(model_name, work.config)
     lines = [f"{model_name}: {params / 1e9:.2f} B parameters, {work.tokens[0]} video/image + {work.tokens[1]} text "
              f"tokens, micro-batch {base.micro_batch}; bytes sent per GPU per micro-step:", "",
-             "| world | sp | FSDP all-gathers (fwd+bwd) GB | FSDP reduce-scatter GB | Ulysses GB |",
+             "| world | sp | FSDP all-gathers (fwd+bwd) GB | FSDP reduce-scatter GB | Ulysses GB (fwd, bwd, recompute) |",
              "|---:|---:|---:|---:|---:|"]
     for world in WORLDS:
         for sp in SP_SIZES[model_name]:
@@ -358,12 +359,41 @@ def report_layouts() -> dict[str, Layout]:
 EXTRA_LAYOUTS = {"flux FSDP (all-rank shard), bf16 grads, micro-batch 8": Layout(8, 1, grad_bytes=2, micro_batch=8)}
 
 
+def recipe_micro_steps(model_name: str) -> int:
+    """Trained (sample, step) pairs of one GRPO iteration of the recipe (micro-batch 1 each):
+    prompts x kept samples per prompt (best-of-N keeps the top k and bottom k) x ceil(tau x steps)."""
+    import yaml
+    cfg = yaml.safe_load((REPO / MODELS[model_name][2]).read_text())
+    g, steps = cfg["grpo"], cfg["sampler"]["num_steps"]
+    kept = 2 * g["best_of_n_keep"] if g.get("best_of_n_keep") else g["group_size"]
+    return g["prompts_per_iteration"] * kept * math.ceil(round(g["tau"] * steps, 9))
+
+
+def iteration_seconds(model_name: str, layout: Layout, cluster: Cluster) -> float:
+    """Training part of one recipe iteration: each data-parallel group runs its share of the micro-steps."""
+    micro = math.ceil(recipe_micro_steps(model_name) / layout.micro_batch)
+    return math.ceil(micro / layout.dp) * estimate(model_name, layout, cluster).step_s
+
+
+def iteration_lines(cluster: Cluster) -> list[str]:
+    lines = ["| model | layout | GPUs | sp | micro-steps per iteration | training s per iteration |",
+             "|---|---|---:|---:|---:|---:|"]
+    for title, base in {**report_layouts(), **EXTRA_LAYOUTS}.items():
+        model_name = title.split()[0]
+        for sp in SP_SIZES[model_name]:
+            layout = replace(base, world=64, sp=sp)
+            lines.append(f"| {model_name} | {title.split(' ', 1)[1]} | 64 | {sp} | {recipe_micro_steps(model_name)} "
+                         f"| {iteration_seconds(model_name, layout, cluster):.0f} |")
+    return lines
+
+
 def markdown(cluster: Cluster) -> str:
     out = []
     for model_name in ("flux", "hunyuan_video"):
         out += volume_lines(model_name, Layout(8, 1)) + [""]
     for title, base in {**report_layouts(), **EXTRA_LAYOUTS}.items():
         out += [f"#### {title}", ""] + table(title.split()[0], cluster, base) + [""]
+    out += ["#### Training part of one GRPO iteration on 64 GPUs", ""] + iteration_lines(cluster) + [""]
     return "\n".join(out)
 
 

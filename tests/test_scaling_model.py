@@ -153,3 +153,11 @@ def test_report_and_figure(tmp_path):
     assert len(rows) == 3   # hunyuan volume table + its two time tables
     with pytest.raises(ValueError, match="1.5"):
         sm.main(["--mfu", "1.5"])
+
+
+def test_iteration_counts_from_the_recipes():
+    assert sm.recipe_micro_steps("flux") == 32 * 12 * 10             # 32 prompts x 12 samples x ceil(0.6 x 16)
+    assert sm.recipe_micro_steps("hunyuan_video") == 32 * 8 * 10     # best-of-24 keeps the top 4 + bottom 4
+    layout = sm.Layout(world=64, sp=4, micro_batch=3)
+    step = sm.estimate("flux", layout, sm.Cluster()).step_s
+    assert sm.iteration_seconds("flux", layout, sm.Cluster()) == pytest.approx(-(-1280 // 16) * step)

@@ -240,7 +240,8 @@ def test_compile_blocks_same_output_and_gradients_with_checkpointing():
 
 def _sequence_parallel_worker(rank: int, port: int, world: int) -> None:
     """Each mode on top of Ulysses (2 gloo ranks) gives the single-process unwrapped step: the
-    recomputed blocks re-run their all-to-alls in backward, in the same order on every rank."""
+    recomputed blocks re-run their all-to-alls in backward, in the same order on every rank.
+    Then checkpointing under FSDP2 sharding over the 2 ranks."""
     import os
 
     import torch.distributed as dist
@@ -265,11 +266,29 @@ def _sequence_parallel_worker(rank: int, port: int, world: int) -> None:
             for key, grad in grads.items():
                 dist.all_reduce(grad, group=group)   # the ranks' shares of each gradient
                 torch.testing.assert_close(grad, ref_grads[key], atol=1e-5, rtol=1e-5, msg=f"{mode} {key}")
+
+        # Checkpointing, then FSDP2 per block (the documented order): the same inputs on both ranks,
+        # so the averaged sharded gradients are the single-process ones; the FSDP subclass keeps its blocks.
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        mesh = init_device_mesh("cpu", (world,))
+        model = copy.deepcopy(reference)
+        apply_activation_checkpointing(model, "selective", every_n=2)
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        assert type(model).__name__.startswith("FSDP") and len(transformer_blocks(model)) == 3
+        assert list(model.state_dict()) == list(reference.state_dict())
+        out, grads = output_and_grads(model, "hunyuan")
+        torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+        assert grads.keys() == ref_grads.keys()
+        for key, grad in grads.items():
+            torch.testing.assert_close(grad.full_tensor(), ref_grads[key], atol=1e-5, rtol=1e-5, msg=f"fsdp {key}")
     finally:
         dist.destroy_process_group()
 
 
-def test_checkpointing_under_sequence_parallelism_equals_single_process():
+def test_checkpointing_under_sequence_parallelism_and_fsdp_equals_single_process():
     import socket
 
     import torch.multiprocessing as mp

@@ -235,6 +235,10 @@ def test_compile_blocks_same_output_and_gradients_with_checkpointing():
     assert_same_step(model, reference, "flux", atol=1e-5)
     with pytest.raises(RuntimeError, match="already compiled"):
         compile_blocks(model)
+    compiled_first = build("flux")
+    compile_blocks(compiled_first, backend="aot_eager")
+    with pytest.raises(RuntimeError, match="before compile_blocks"):
+        apply_activation_checkpointing(compiled_first, "full")
     torch._dynamo.reset()
 
 

@@ -155,6 +155,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every_n: int = 1
     for index, block in enumerate(blocks):
         if index % every_n:
             continue
+        if getattr(block, "_compiled_call_impl", None) is not None:
+            raise RuntimeError(f"block {index} ({type(block).__name__}) is already compiled: apply activation "
+                               f"checkpointing before compile_blocks (order: checkpointing, compile, sharding)")
         if "forward" in vars(block):
             raise RuntimeError(f"block {index} ({type(block).__name__}) already has an instance-level forward "
                                f"(compiled or wrapped by another tool): apply checkpointing first")

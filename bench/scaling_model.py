@@ -307,7 +307,8 @@ def volume_lines(model_name: str, base: Layout) -> list[str]:
     params = parameter_count(model_name, work.config)
     lines = [f"{model_name}: {params / 1e9:.2f} B parameters, {work.tokens[0]} video/image + {work.tokens[1]} text "
              f"tokens, micro-batch {base.micro_batch}; bytes sent per GPU per micro-step:", "",
-             "| world | sp | FSDP all-gathers (fwd+bwd) GB | FSDP reduce-scatter GB | Ulysses GB (fwd, bwd, recompute) |",
+             "| world | sp | FSDP all-gathers (fwd+bwd) GB | FSDP reduce-scatter GB "
+             "| Ulysses GB (fwd, bwd, recompute) |",
              "|---:|---:|---:|---:|---:|"]
     for world in WORLDS:
         for sp in SP_SIZES[model_name]:

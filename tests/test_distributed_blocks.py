@@ -31,7 +31,8 @@ HUNYUAN = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_h
                pooled_projection_dim=32, rope_axes_dim=(2, 2, 4), guidance_embeds=True)
 SD14 = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
             norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
 
 
 def build(name: str) -> torch.nn.Module:
@@ -44,7 +45,8 @@ def build(name: str) -> torch.nn.Module:
 def inputs(name: str) -> dict:
     g = torch.Generator().manual_seed(1)
     if name == "flux":
-        return dict(hidden_states=torch.randn(2, 16, 16, generator=g), encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
+        return dict(hidden_states=torch.randn(2, 16, 16, generator=g),
+                    encoder_hidden_states=torch.randn(2, 5, 16, generator=g),
                     pooled_projections=torch.randn(2, 32, generator=g), timestep=torch.tensor([0.3, 0.7]),
                     img_ids=latent_image_ids(8, 8), txt_ids=torch.zeros(5, 3), guidance=torch.full((2,), 3.5),
                     return_dict=False)

@@ -251,16 +251,16 @@ class Trainer:
     def _setup_parallel(self):
         """(DataParallel, DeviceMesh or None): join torchrun's process group when WORLD_SIZE > 1."""
         par = self.cfg.parallel
-        world = dist.get_world_size() if dist.is_initialized() else int(os.environ.get("WORLD_SIZE", "1"))
-        if world == 1:
+        from .distributed.launch import init_process_group, launched_world_size
+        if launched_world_size() == 1:
             for name, on in (("parallel.sp_size", par.sp_size != 1), ("parallel.fsdp.enabled", par.fsdp.enabled)):
                 if on:
                     raise ValueError(f"{name} needs several processes: launch with torchrun "
                                      f"(e.g. `torchrun --nproc_per_node 8 -m dancegrpo.cli train ...`), "
                                      "or turn it off for a single process")
             return DataParallel(placement=par.group_placement), None
-        from .distributed.mesh import build_mesh, init_distributed
-        init_distributed()
+        from .distributed.mesh import build_mesh
+        init_process_group()
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's GPU
         mesh = build_mesh(par.sp_size, self.device.type)

@@ -4,12 +4,16 @@ Each rank runs one real `Trainer.step()` (rollout, rewards, advantages, one upda
 what it trained on. The reference is a single-process Trainer that recomputes the rewards and
 advantages of the union of the ranks' samples itself, and takes one update on them: its weights
 must equal every rank's weights after the step (fp32, 1e-5), with and without FSDP.
+
+The FSDP ranks also write a sharded (DCP) checkpoint, which one process without FSDP resumes:
+weights, EMA, optimizer moments, LR schedule and iteration must come back exactly.
 """
 from __future__ import annotations
 
 import copy
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from dancegrpo import grpo
+from dancegrpo.checkpoint import latest_checkpoint
 from dancegrpo.data import prompts_for_iteration
 from dancegrpo.distributed.data_parallel import DataParallel
 from dancegrpo.models import repeat_cond
@@ -32,10 +37,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _full_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    return {k: v.detach().clone() for k, v in
-            get_model_state_dict(trainer.policy, options=StateDictOptions(full_state_dict=True)).items()}
+def _full(value) -> torch.Tensor:
+    return (value.full_tensor() if hasattr(value, "full_tensor") else value).detach().clone()
+
+
+def _full_state(trainer: Trainer) -> dict:
+    """Unsharded weights, EMA, optimizer state (keyed by parameter name) and learning rate."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    full = StateDictOptions(full_state_dict=True)
+    return {"weights": {k: _full(v) for k, v in get_model_state_dict(trainer.policy, options=full).items()},
+            "ema": {k: _full(v) for k, v in trainer.ema.items()} if trainer.ema is not None else None,
+            "optimizer": get_optimizer_state_dict(trainer.policy, trainer.optimizer, options=full),
+            "lr": trainer.scheduler.get_last_lr()}
 
 
 def _worker(rank: int, port: int, config: dict, out_dir: str) -> None:
@@ -56,7 +70,8 @@ def _worker(rank: int, port: int, config: dict, out_dir: str) -> None:
 
         trainer._update = recording_update
         metrics = trainer.step()
-        torch.save({"batch": seen, "weights": _full_weights(trainer), "metrics": metrics},
+        checkpoint = str(trainer.save()) if trainer.sharded else None
+        torch.save({"batch": seen, **_full_state(trainer), "metrics": metrics, "checkpoint": checkpoint},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -69,6 +84,8 @@ def _config(tiny_config: dict, placement: str, fsdp: bool) -> dict:
     # tau 1 and one update: the update holds every (chunk, step) pair, as in the reference.
     cfg["trainer"].update(updates_per_iteration=1, micro_batch_size=4, iterations=1)
     cfg["parallel"] = {"group_placement": placement, "fsdp": fsdp}
+    if fsdp:  # also checkpointed, with an EMA
+        cfg["trainer"].update(ema_decay=0.9, lr_schedule="linear")
     return cfg
 
 
@@ -138,6 +155,28 @@ def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, pl
         for name, value in after.items():
             torch.testing.assert_close(data["weights"][name], value, rtol=1e-5, atol=1e-5,
                                        msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+    if fsdp:
+        _check_resume_on_one_process(single, ranks[0])
+
+
+def _check_resume_on_one_process(config: dict, saved: dict) -> None:
+    run_dir = Path(config["run"]["output_dir"])
+    assert latest_checkpoint(run_dir) == Path(saved["checkpoint"])
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    trainer = Trainer(config)
+    assert trainer.resume() and trainer.iteration == 1
+    weights = trainer.policy.state_dict()
+    for name, value in saved["weights"].items():
+        torch.testing.assert_close(weights[name], value, rtol=0, atol=0)
+        torch.testing.assert_close(trainer.ema[name], saved["ema"][name], rtol=0, atol=0)
+    names = {p: n for n, p in trainer.policy.named_parameters()}
+    state = trainer.optimizer.state_dict()["state"]
+    for index, param in enumerate(trainer.params):
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            torch.testing.assert_close(state[index][key], saved["optimizer"]["state"][names[param]][key],
+                                       rtol=0, atol=0)
+    assert trainer.scheduler.get_last_lr() == saved["lr"]
+    trainer.step()  # and training goes on from there on one process
 
 
 def test_prompts_per_iteration_must_split_over_ranks():

@@ -24,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -87,7 +88,7 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.
         shutil.rmtree(tmp_dir, ignore_errors=True)  # a leftover of a killed save of this step
         (tmp_dir / DCP_DIR).mkdir(parents=True)
     _barrier()
-    dcp.save(_training_state(model, optimizer, ema), checkpoint_id=tmp_dir / DCP_DIR)
+    dcp.save(_training_state(model, optimizer, ema), checkpoint_id=tmp_dir / DCP_DIR, no_dist=not dist.is_initialized())
     _barrier()  # every shard is written before the checkpoint becomes visible
     if _rank() == 0:
         files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted((tmp_dir / DCP_DIR).rglob("*"))
@@ -147,7 +148,9 @@ def load_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module,
             raise CheckpointError(f"{ckpt} has no {what} state; pass {what.lower()}=None")
     state = _training_state(model, optimizer, ema)
     try:
-        dcp.load(state, checkpoint_id=ckpt / DCP_DIR)
+        with warnings.catch_warnings():  # one process without a process group is what we mean
+            warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
+            dcp.load(state, checkpoint_id=ckpt / DCP_DIR, no_dist=not dist.is_initialized())
     except Exception as err:  # DCP names the missing / mismatched keys
         raise CheckpointError(f"{ckpt / DCP_DIR} does not fit this model/optimizer: {err}") from err
     set_model_state_dict(model, state["model"], options=StateDictOptions(strict=True))

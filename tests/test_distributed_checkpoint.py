@@ -1,0 +1,60 @@
+"""A killed rank under torchrun: the restarted job resumes from the last (sharded) checkpoint and finishes.
+
+(Writing a sharded checkpoint on 2 FSDP ranks and resuming it on 1 process is checked in
+test_distributed_data_parallel.py, on the ranks that test already runs.)
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from dancegrpo.checkpoint import list_checkpoints
+
+WORLD = 2
+TESTS = Path(__file__).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_killed_rank_restarts_from_last_checkpoint_and_finishes(tiny_config, tmp_path):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["data"]["eval_prompts"] = ""
+    cfg["grpo"].update(prompts_per_iteration=2, group_size=4)
+    cfg["trainer"].update(iterations=3, micro_batch_size=4, checkpoint_every=1, keep_last=1)
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, DANCEGRPO_TEST_CRASH="1:2", OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--max-restarts", "1",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+               "-m", "dancegrpo.cli", "train", "--config", str(config_path), "--resume", "--no-progress"]
+    # Its own session, so that on a timeout the whole job (launcher and workers) is ended together.
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           start_new_session=True)
+    try:
+        log, _ = job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(job.pid, signal.SIGKILL)
+        log, _ = job.communicate()
+        raise AssertionError(f"the torchrun job did not finish in 120 s:\n{log[-4000:]}") from None
+    assert job.returncode == 0, log[-4000:]
+    assert "exitcode: 17" in log, log[-4000:]  # rank 1 did die
+    # Rank 1 died before iteration 3; the restarted job resumed after iteration 2 and finished.
+    assert "resumed from" in log and "at iteration 2" in log, log[-4000:]
+    run_dir = Path(cfg["run"]["output_dir"])
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(row["step"] for row in rows if "loss" in row) == [1, 2, 3]
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000003"]
+    assert (run_dir / "final_model").is_dir()

@@ -580,6 +580,14 @@ class Trainer:
             result["images"] = images.cpu()
         return result
 
+    def _reshard(self) -> None:
+        """Under FSDP, return every parameter to its sharded form (after a forward the root's
+        parameters stay gathered), so named_parameters() gives the sharded DTensors again."""
+        if self.sharded:
+            for module in self.policy.modules():
+                if hasattr(module, "reshard"):
+                    module.reshard()
+
     def _ema_weights(self):
         import contextlib
 
@@ -589,13 +597,16 @@ class Trainer:
                 yield
                 return
             live = {n: p.detach().clone() for n, p in self.policy.named_parameters()}
-            for n, p in self.policy.named_parameters():
-                p.data.copy_(self.ema[n])
+            with torch.no_grad():  # (not p.data: under FSDP both sides are sharded DTensors)
+                for n, p in self.policy.named_parameters():
+                    p.copy_(self.ema[n])
             try:
                 yield
             finally:
-                for n, p in self.policy.named_parameters():
-                    p.data.copy_(live[n])
+                self._reshard()
+                with torch.no_grad():
+                    for n, p in self.policy.named_parameters():
+                        p.copy_(live[n])
         return swap()
 
     # ------------------------------------------------------------------ checkpoints

@@ -14,9 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 from dancegrpo.checkpoint import list_checkpoints
+from dancegrpo.models import load_model
+from dancegrpo.trainer import Trainer
 
 WORLD = 2
 TESTS = Path(__file__).parent
@@ -30,9 +33,10 @@ def _free_port() -> int:
 
 def test_killed_rank_restarts_from_last_checkpoint_and_finishes(tiny_config, tmp_path):
     cfg = copy.deepcopy(tiny_config)
-    cfg["data"]["eval_prompts"] = ""
+    cfg["data"]["eval_num_prompts"] = 2  # evaluated before and after, with the EMA weights swapped in
     cfg["grpo"].update(prompts_per_iteration=2, group_size=4)
-    cfg["trainer"].update(iterations=3, micro_batch_size=4, checkpoint_every=1, keep_last=1)
+    cfg["trainer"].update(iterations=3, micro_batch_size=4, checkpoint_every=1, keep_last=1, ema_decay=0.9)
+    cfg["parallel"] = {"fsdp": True}  # sharded weights, EMA and optimizer state, 2 ranks -> 2 ranks
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
     env = dict(os.environ, DANCEGRPO_TEST_CRASH="1:2", OMP_NUM_THREADS="1",
@@ -57,4 +61,15 @@ def test_killed_rank_restarts_from_last_checkpoint_and_finishes(tiny_config, tmp
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sorted(row["step"] for row in rows if "loss" in row) == [1, 2, 3]
     assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000003"]
-    assert (run_dir / "final_model").is_dir()
+    summary = json.loads((run_dir / "summary.json").read_text())  # rank 0 evaluated before and after
+    assert summary["base"] and summary["final"]
+    # The final model: the EMA weights, gathered from the shards and written by rank 0 in the model's
+    # own format. Reference: the EMA of the last sharded checkpoint, loaded by one process.
+    single = copy.deepcopy(cfg)
+    del single["parallel"]
+    trainer = Trainer(single)
+    assert trainer.resume() and trainer.iteration == 3
+    final = load_model("toy_flux", str(run_dir / "final_model"), {}).trainable.state_dict()
+    assert final.keys() == trainer.ema.keys()
+    for name, value in final.items():
+        torch.testing.assert_close(value, trainer.ema[name], rtol=0, atol=0)

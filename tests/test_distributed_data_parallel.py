@@ -3,7 +3,8 @@
 Each rank runs one real `Trainer.step()` (rollout, rewards, advantages, one update) and records
 what it trained on. The reference is a single-process Trainer that recomputes the rewards and
 advantages of the union of the ranks' samples itself, and takes one update on them: its weights
-must equal every rank's weights after the step (fp32, 1e-5), with and without FSDP.
+must equal every rank's weights after the step (fp32, 1e-5), with and without FSDP (the FSDP
+run also checkpoints activations inside each sharded block; the reference does not).
 
 The FSDP ranks also write a sharded (DCP) checkpoint, which one process without FSDP resumes:
 weights, EMA, optimizer moments, LR schedule and iteration must come back exactly.
@@ -23,6 +24,7 @@ import torch.multiprocessing as mp
 from dancegrpo import grpo
 from dancegrpo.checkpoint import latest_checkpoint
 from dancegrpo.data import prompts_for_iteration
+from dancegrpo.distributed.blocks import checkpointed_blocks
 from dancegrpo.distributed.data_parallel import DataParallel
 from dancegrpo.models import repeat_cond
 from dancegrpo.rollout import Rollout
@@ -59,6 +61,8 @@ def _worker(rank: int, port: int, config: dict, out_dir: str) -> None:
     try:
         trainer = Trainer(config)
         assert trainer.dp.size == WORLD and trainer.dp.rank == rank and trainer.is_main == (rank == 0)
+        assert trainer.sharded == config["parallel"]["fsdp"]
+        assert bool(checkpointed_blocks(trainer.policy)) == ("activation_checkpointing" in config["parallel"])
         seen = {}
         original = trainer._update
 
@@ -84,7 +88,8 @@ def _config(tiny_config: dict, placement: str, fsdp: bool) -> dict:
     # tau 1 and one update: the update holds every (chunk, step) pair, as in the reference.
     cfg["trainer"].update(updates_per_iteration=1, micro_batch_size=4, iterations=1)
     cfg["parallel"] = {"group_placement": placement, "fsdp": fsdp}
-    if fsdp:  # also checkpointed, with an EMA
+    if fsdp:  # also with activation checkpointing inside the shards, checkpointed, with an EMA
+        cfg["parallel"]["activation_checkpointing"] = "selective"
         cfg["trainer"].update(ema_decay=0.9, lr_schedule="linear")
     return cfg
 

@@ -26,9 +26,13 @@ def test_same_config_gives_identical_weights_and_loadable_model(tmp_path):
 
 def test_weights_change_with_training(tmp_path):
     short, longer = _run(tmp_path / "short", steps=1), _run(tmp_path / "long", steps=3)
-    wa = load_file(str(short / "transformer" / "diffusion_pytorch_model.safetensors"))
-    wb = load_file(str(longer / "transformer" / "diffusion_pytorch_model.safetensors"))
-    assert any(not torch.equal(wa[k], wb[k]) for k in wa)
+    # Both parts learn: the text encoder too (it once sat behind a no_grad and stayed random).
+    for part, name in (("transformer", "diffusion_pytorch_model.safetensors"), ("text_encoder", "model.safetensors")):
+        wa, wb = load_file(str(short / part / name)), load_file(str(longer / part / name))
+        changed = [k for k in wa if not torch.equal(wa[k], wb[k])]
+        assert changed, part
+        if part == "text_encoder":
+            assert any(k.startswith("embed") for k in changed) and any(k.startswith("layer") for k in changed)
 
 
 def test_second_stage_from_first_with_decay_and_ema_is_deterministic(tmp_path):

@@ -67,7 +67,11 @@ def flow_matching_loss(model, images: torch.Tensor, prompts: list[str], generato
     sigma = time_shift(torch.rand(x0.shape[0], generator=generator), shift)
     s = sigma.view(-1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
-    velocity = model.predict(xt, sigma, model.encode_prompts(prompts))
+    # Not model.encode_prompts: that one runs without gradients (the text encoder is frozen in RL),
+    # and pretraining must train the text encoder too.
+    ids, mask = model.text_encoder.tokenize(prompts)
+    hidden, pooled = model.text_encoder(ids, mask)
+    velocity = model.predict(xt, sigma, {"prompt_embeds": hidden, "pooled_embeds": pooled})
     return (velocity - (noise - x0)).square().mean()
 
 

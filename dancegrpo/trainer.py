@@ -261,8 +261,8 @@ class Trainer:
             return DataParallel(placement=par.group_placement), None
         from .distributed.mesh import build_mesh
         init_process_group()
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())  # LOCAL_RANK's GPU
+        if self.device.type == "cuda":  # each process its own GPU: LOCAL_RANK's (set when joining)
+            self.device = torch.device("cuda", torch.cuda.current_device())
         mesh = build_mesh(par.sp_size, self.device.type)
         dp_mesh = mesh["dp"]
         dp = DataParallel(rank=dp_mesh.get_local_rank(), size=dp_mesh.size(), placement=par.group_placement,
@@ -626,19 +626,20 @@ class Trainer:
     def resume(self, path: str | Path | None = None) -> bool:
         """Load the newest valid checkpoint of the run folder (or `path`); False if none.
 
-        A sharded checkpoint loads on any number of processes; a single-process one on any
-        number of processes without FSDP (every rank reads the whole file).
+        A sharded checkpoint loads on any number of processes; a single-process one too
+        (every rank reads the whole files; under FSDP it keeps its shards).
         """
-        from .distributed.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint
+        from .distributed.dist_checkpoint import (is_sharded_checkpoint, load_full_checkpoint_into_sharded,
+                                                  load_sharded_checkpoint)
         path = Path(path) if path else latest_checkpoint(self.run_dir)
         if path is None:
             return False
         if is_sharded_checkpoint(path):
             state = load_sharded_checkpoint(path, model=self.policy, optimizer=self.optimizer,
                                             scheduler=self.scheduler, ema=self.ema)
-        elif self.sharded:
-            raise ValueError(f"{path} is a single-process checkpoint, which FSDP cannot load yet: resume it on "
-                             "several processes without parallel.fsdp first: its next checkpoint is sharded")
+        elif self.sharded:  # every rank reads the whole files and keeps its shards
+            state = load_full_checkpoint_into_sharded(path, model=self.policy, optimizer=self.optimizer,
+                                                      scheduler=self.scheduler, ema=self.ema)
         else:
             state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
                                     ema=self.ema)

@@ -54,12 +54,13 @@ def _full_state(trainer: Trainer) -> dict:
             "lr": trainer.scheduler.get_last_lr()}
 
 
-def _worker(rank: int, port: int, config: dict, out_dir: str) -> None:
+def _worker(rank: int, port: int, config: dict, out_dir: str, start: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
         trainer = Trainer(config)
+        assert trainer.resume(start) and trainer.iteration == 1  # a single-process checkpoint
         assert trainer.dp.size == WORLD and trainer.dp.rank == rank and trainer.is_main == (rank == 0)
         assert trainer.sharded == config["parallel"]["fsdp"]
         assert bool(checkpointed_blocks(trainer.policy)) == ("activation_checkpointing" in config["parallel"])
@@ -86,7 +87,7 @@ def _config(tiny_config: dict, placement: str, fsdp: bool) -> dict:
     cfg["data"]["eval_prompts"] = ""
     cfg["grpo"].update(prompts_per_iteration=4, group_size=4, tau=1.0)
     # tau 1 and one update: the update holds every (chunk, step) pair, as in the reference.
-    cfg["trainer"].update(updates_per_iteration=1, micro_batch_size=4, iterations=1)
+    cfg["trainer"].update(updates_per_iteration=1, micro_batch_size=4, iterations=3)
     cfg["parallel"] = {"group_placement": placement, "fsdp": fsdp}
     if fsdp:  # also with activation checkpointing inside the shards, checkpointed, with an EMA
         cfg["parallel"]["activation_checkpointing"] = "selective"
@@ -117,22 +118,30 @@ def _global_batch(ranks: list[dict], placement: str, num_prompts: int, group_siz
 @pytest.mark.parametrize("placement,fsdp", [("rank", False), ("spread", True)])
 def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, placement, fsdp):
     cfg = _config(tiny_config, placement, fsdp)
-    mp.spawn(_worker, args=(_free_port(), cfg, str(tmp_path)), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
     single = copy.deepcopy(cfg)
     del single["parallel"]
+    # Everyone starts from a single-process checkpoint after one iteration, so the step below also
+    # shows a 1 -> 2 process resume (weights, Adam moments, LR, EMA), into FSDP shards or replicas.
+    first = Trainer({**single, "run": {**single["run"], "output_dir": str(tmp_path / "first")}})
+    first.step()
+    start = str(first.save())
+
+    mp.spawn(_worker, args=(_free_port(), cfg, str(tmp_path), start), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+
     reference = Trainer(single)
+    assert reference.resume(start) and reference.iteration == 1
+    it = 1
     g = reference.cfg.grpo
     rollout, advantages, valid, cond = _global_batch(ranks, placement, g.prompts_per_iteration, g.group_size)
 
     # The ranks together rolled out the single-process prompts, each group from its shared noise.
-    prompts = prompts_for_iteration(reference.train_prompts, 0, g.prompts_per_iteration, reference.cfg.run.seed)
+    prompts = prompts_for_iteration(reference.train_prompts, it, g.prompts_per_iteration, reference.cfg.run.seed)
     expected_cond = repeat_cond(reference.adapter.encode_prompts(prompts), g.group_size)
     for key, value in expected_cond.items():
         torch.testing.assert_close(cond[key], value, rtol=0, atol=0)
     noise = grpo.shared_group_noise(len(prompts), g.group_size, reference.adapter.latent_shape(),
-                                    generator=reference._generator("rollout", 0))
+                                    generator=reference._generator("rollout", it))
     torch.testing.assert_close(rollout.latents[:, 0], noise, rtol=0, atol=0)
     first_step = rollout.latents[:, 1].reshape(len(prompts), g.group_size, -1)
     assert (first_step[:, 1:] != first_step[:, :1]).any(-1).all()  # SDE noise differs within every group
@@ -152,7 +161,7 @@ def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, pl
                                    rtol=1e-5, atol=1e-6)
 
     before = {k: v.clone() for k, v in reference.policy.state_dict().items()}
-    reference._update(rollout, expected, valid, cond, reference._generator("plan", 0))
+    reference._update(rollout, expected, valid, cond, reference._generator("plan", it))
     after = reference.policy.state_dict()
     assert any(not torch.equal(after[k], before[k]) for k in after)
     for rank, data in enumerate(ranks):
@@ -160,6 +169,8 @@ def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, pl
         for name, value in after.items():
             torch.testing.assert_close(data["weights"][name], value, rtol=1e-5, atol=1e-5,
                                        msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+            if data["ema"] is not None:
+                torch.testing.assert_close(data["ema"][name], reference.ema[name], rtol=1e-5, atol=1e-5)
     if fsdp:
         _check_resume_on_one_process(single, ranks[0])
 
@@ -169,7 +180,7 @@ def _check_resume_on_one_process(config: dict, saved: dict) -> None:
     assert latest_checkpoint(run_dir) == Path(saved["checkpoint"])
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
     trainer = Trainer(config)
-    assert trainer.resume() and trainer.iteration == 1
+    assert trainer.resume() and trainer.iteration == 2
     weights = trainer.policy.state_dict()
     for name, value in saved["weights"].items():
         torch.testing.assert_close(weights[name], value, rtol=0, atol=0)

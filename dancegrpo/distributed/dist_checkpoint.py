@@ -35,8 +35,9 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from ..checkpoint import (CheckpointError, TMP_PREFIX, _checkpoints_dir, _decode, _encode, _fsync_dir, _prune,
-                          _publish, _step_dir_name)
+from ..checkpoint import (EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, CheckpointError, TMP_PREFIX,
+                          _checkpoints_dir, _decode, _encode, _fsync_dir, _prune, _publish, _read_tensor_file,
+                          _step_dir_name, verify_checkpoint)
 
 FORMAT = "dancegrpo-dcp-1"
 DCP_DIR = "dcp"
@@ -163,3 +164,43 @@ def load_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module,
     if scheduler is not None and meta["scheduler"] is not None:
         scheduler.load_state_dict(_decode(meta["scheduler"], None, str(ckpt / META_FILE)))
     return {"step": int(meta["step"]), "extra": meta["extra"], "world_size": int(meta["world_size"])}
+
+
+def load_full_checkpoint_into_sharded(path: str | os.PathLike, *, model: nn.Module,
+                                      optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
+                                      ema: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+    """Restore an FSDP-sharded model (and its optimizer, scheduler, EMA) from a single-process checkpoint.
+
+    Every rank reads the whole files and keeps its shards. The single-process optimizer state is
+    keyed by parameter position; it is re-keyed by parameter name for
+    `set_optimizer_state_dict`. Returns ``{"step": int, "extra": dict}``.
+    """
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    ckpt = Path(path)
+    state = verify_checkpoint(ckpt)
+    full = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, _read_tensor_file(ckpt, MODEL_FILE, "cpu"), options=full)
+    if optimizer is not None:
+        if "optimizer" not in state:
+            raise CheckpointError(f"{ckpt} has no optimizer state; pass optimizer=None")
+        saved = _decode(state["optimizer"], _read_tensor_file(ckpt, OPTIMIZER_FILE, "cpu"), str(ckpt / OPTIMIZER_FILE))
+        names = {id(p): n for n, p in model.named_parameters()}
+        order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+        by_name = {"state": {order[i]: value for i, value in saved["state"].items()},
+                   "param_groups": [{**group, "params": [order[i] for i in group["params"]]}
+                                    for group in saved["param_groups"]]}
+        set_optimizer_state_dict(model, optimizer, by_name, options=full)
+    if ema is not None:
+        loaded = _read_tensor_file(ckpt, EMA_FILE, "cpu")
+        with torch.no_grad():
+            for name, target in ema.items():
+                value = loaded[name].to(target.dtype)
+                if isinstance(target, DTensor):
+                    value = distribute_tensor(value.to(target.device_mesh.device_type), target.device_mesh,
+                                              target.placements)
+                target.copy_(value)
+    if scheduler is not None:
+        tensors = _read_tensor_file(ckpt, SCHEDULER_FILE, "cpu") if SCHEDULER_FILE in state["files"] else {}
+        scheduler.load_state_dict(_decode(state["scheduler"], tensors, str(ckpt / SCHEDULER_FILE)))
+    return {"step": int(state["step"]), "extra": state["extra"]}

@@ -45,3 +45,13 @@ def test_second_stage_from_first_with_decay_and_ema_is_deterministic(tmp_path):
     start = load_file(str(first / "transformer" / "diffusion_pytorch_model.safetensors"))
     assert all(torch.equal(outs[0][k], outs[1][k]) for k in start)
     assert any(not torch.equal(outs[0][k], start[k]) for k in start)
+
+
+def test_frozen_text_encoder_option_leaves_it_at_its_init(tmp_path):
+    cfg = PretrainConfig(steps=2, dataset_size=16, batch_size=4, warmup_steps=1, num_threads=1, train_text_encoder=False,
+                         output_dir=str(tmp_path / "frozen"), transformer=TINY_TRANSFORMER, text_encoder=TINY_TEXT)
+    frozen = pretrain(cfg, progress=False)
+    from dancegrpo.models.toy_flux import build_toy_flux
+    reference = build_toy_flux(seed=cfg.seed, transformer_overrides=TINY_TRANSFORMER, text_overrides=TINY_TEXT)
+    saved = load_file(str(frozen / "text_encoder" / "model.safetensors"))
+    assert all(torch.equal(saved[k], v) for k, v in reference.text_encoder.state_dict().items())

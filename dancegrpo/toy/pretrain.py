@@ -46,6 +46,7 @@ class PretrainConfig:
     image_size: int = 32  # the generator's native resolution; scenes are rendered at this size
     output_size: int | None = None  # decode upsamples to this (None = image_size); the checker sees it
     kind_balanced: bool = False  # draw each prompt kind equally often (scenes.balance_by_kind)
+    train_text_encoder: bool = True  # False reproduces stages 1-2, which ran with it frozen at its init
     transformer: dict = field(default_factory=dict)  # overrides of DEFAULT_TRANSFORMER_CONFIG
     text_encoder: dict = field(default_factory=dict)  # overrides of DEFAULT_TEXT_CONFIG
 
@@ -83,8 +84,10 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     else:
         model = build_toy_flux(seed=cfg.seed, image_size=cfg.image_size, output_size=cfg.output_size,
                                transformer_overrides=cfg.transformer, text_overrides=cfg.text_encoder)
-    model.text_encoder.requires_grad_(True).train()
-    params = list(model.transformer.parameters()) + list(model.text_encoder.parameters())
+    model.text_encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
+    params = list(model.transformer.parameters())
+    if cfg.train_text_encoder:
+        params += list(model.text_encoder.parameters())
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
     ema = [p.detach().clone() for p in params] if cfg.ema_decay else None

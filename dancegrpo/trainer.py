@@ -596,6 +596,7 @@ class Trainer:
             if self.ema is None:
                 yield
                 return
+            self._reshard()
             live = {n: p.detach().clone() for n, p in self.policy.named_parameters()}
             with torch.no_grad():  # (not p.data: under FSDP both sides are sharded DTensors)
                 for n, p in self.policy.named_parameters():
@@ -616,6 +617,7 @@ class Trainer:
         ema = {k: v for k, v in self.ema.items()} if self.ema is not None else None
         if self.dp.enabled:
             from .distributed.dist_checkpoint import save_sharded_checkpoint
+            self._reshard()
             return save_sharded_checkpoint(self.run_dir, self.iteration, model=self.policy, optimizer=self.optimizer,
                                            scheduler=self.scheduler, ema=ema, extra=extra,
                                            keep_last=self.cfg.trainer.keep_last)

@@ -35,7 +35,8 @@ def test_killed_rank_restarts_from_last_checkpoint_and_finishes(tiny_config, tmp
     cfg = copy.deepcopy(tiny_config)
     cfg["data"]["eval_num_prompts"] = 2  # evaluated before and after, with the EMA weights swapped in
     cfg["grpo"].update(prompts_per_iteration=2, group_size=4)
-    cfg["trainer"].update(iterations=3, micro_batch_size=4, checkpoint_every=1, keep_last=1, ema_decay=0.9)
+    cfg["trainer"].update(iterations=3, micro_batch_size=4, checkpoint_every=1, keep_last=1, ema_decay=0.9,
+                          eval_every=1)  # evaluation (EMA swapped in) between steps and saves
     cfg["parallel"] = {"fsdp": True}  # sharded weights, EMA and optimizer state, 2 ranks -> 2 ranks
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(cfg))

@@ -48,27 +48,32 @@ def _eval_metrics(result: dict) -> dict:
     return {key.removeprefix("eval/"): value for key, value in result.items()}
 
 
+def _overall(metrics: dict) -> dict:
+    """Without the per-kind accuracies, which `dancegrpo eval` adds to Trainer.evaluate's metrics."""
+    return {key: value for key, value in metrics.items() if not key.startswith("accuracy/")}
+
+
 def test_rows_equal_the_trainers_own_base_and_final_evaluations(trained, tmp_path):
     run = trained["run"]
     report = run_eval(trained["cfg"], checkpoints=[run / "checkpoints" / "step_00000001", run], out_dir=tmp_path)
     assert [(r.label, r.step) for r in report.rows] == [("base", None), ("run/step_00000001", 1),
                                                        ("run/step_00000002", 2)]
     base, first, last = report.rows
-    assert set(base.metrics) == {"toy_geneval", "rewards_for_tests:mean_brightness", "toy_geneval_accuracy"}
+    assert set(_overall(base.metrics)) == {"toy_geneval", "rewards_for_tests:mean_brightness", "toy_geneval_accuracy"}
     # The run evaluated its base before training and its final weights (EMA when configured) after.
-    assert base.metrics == _eval_metrics(trained["trainer"].base_eval)
-    assert last.metrics == _eval_metrics(trained["trainer"].final_eval)
+    assert _overall(base.metrics) == _eval_metrics(trained["trainer"].base_eval)
+    assert _overall(last.metrics) == _eval_metrics(trained["trainer"].final_eval)
     # And a fresh trainer resumed from step 1 (the resume path, not the eval loader) agrees.
     resumed = Trainer(trained["cfg"])
     resumed.resume(run / "checkpoints" / "step_00000001")
-    assert first.metrics == _eval_metrics(resumed.evaluate())
+    assert _overall(first.metrics) == _eval_metrics(resumed.evaluate())
     assert last.metrics != base.metrics  # training changed the weights the last row used
 
 
 def test_base_row_equals_trainer_evaluate_on_the_base(trained, tmp_path):
     report = run_eval(trained["cfg"], out_dir=tmp_path)
     assert len(report.rows) == 1
-    assert report.rows[0].metrics == _eval_metrics(Trainer(trained["cfg"]).evaluate())
+    assert _overall(report.rows[0].metrics) == _eval_metrics(Trainer(trained["cfg"]).evaluate())
 
 
 def test_noise_is_paired_across_checkpoints_and_seeds_are_distinct(trained):
@@ -84,11 +89,11 @@ def test_noise_is_paired_across_checkpoints_and_seeds_are_distinct(trained):
     # Seed 0 is the trainer's own evaluation noise; seed 1 is a run with seed + 1.
     fresh = Trainer(trained["cfg"])
     load_checkpoint_weights(fresh, run)
-    assert rows[0].per_seed[0] == _eval_metrics(fresh.evaluate())
+    assert _overall(rows[0].per_seed[0]) == _eval_metrics(fresh.evaluate())
     other_seed = Trainer({**trained["cfg"], "run": {**trained["cfg"]["run"], "seed": 1}})
     load_checkpoint_weights(other_seed, run)
     seed1 = other_seed.evaluate(return_images=True)
-    assert rows[0].per_seed[1] == _eval_metrics({k: v for k, v in seed1.items() if k != "images"})
+    assert _overall(rows[0].per_seed[1]) == _eval_metrics({k: v for k, v in seed1.items() if k != "images"})
     assert not torch.equal(seed1["images"], images["run/step_00000002"])
     for name, value in rows[0].metrics.items():
         assert math.isclose(value, (rows[0].per_seed[0][name] + rows[0].per_seed[1][name]) / 2)
@@ -151,3 +156,20 @@ def test_sample_loads_a_checkpoint_through_the_shared_loader(trained, tmp_path, 
     assert main(["sample", "--config", str(trained["config_path"]), "--checkpoint", str(tmp_path / "nowhere"),
                  "--prompt", prompt, "--out", str(out)]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_per_kind_accuracies_add_up_to_the_overall_accuracy(trained, tmp_path):
+    from dancegrpo.data import load_prompts
+    from dancegrpo.toy import scenes
+
+    report = run_eval(trained["cfg"], checkpoints=[trained["run"]], out_dir=tmp_path)
+    prompts = load_prompts(trained["cfg"]["data"]["eval_prompts"])[: trained["cfg"]["data"]["eval_num_prompts"]]
+    counts = {}
+    for prompt in prompts:
+        kind = scenes.parse_prompt(prompt).kind
+        counts[kind] = counts.get(kind, 0) + 1
+    for row in report.rows:
+        kinds = {key.removeprefix("accuracy/"): value for key, value in row.metrics.items() if key.startswith("accuracy/")}
+        assert set(kinds) == set(counts)
+        weighted = sum(kinds[k] * n for k, n in counts.items()) / len(prompts)
+        assert math.isclose(weighted, row.metrics["toy_geneval_accuracy"], abs_tol=1e-6)

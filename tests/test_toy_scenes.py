@@ -384,3 +384,16 @@ def test_soft_reward_is_graded_and_agrees_with_the_strict_check():
     dets = scenes.detect_objects(scenes.render_batch(["a red circle"], torch.Generator().manual_seed(0)))[0]
     circle, square, _ = dets[0].similarity
     assert circle > square
+
+
+def test_accuracy_by_kind_scores_each_kind_on_its_own():
+    prompts = ["a red circle", "a blue square on the left", "two green triangles", "a red circle above a blue square"]
+    gen = torch.Generator().manual_seed(0)
+    truth = scenes.render_batch(prompts, gen)
+    assert scenes.accuracy_by_kind(truth, prompts) == {
+        "single_object": 1.0, "position": 1.0, "count": 1.0, "relation": 1.0}
+    wrong = truth.clone()
+    wrong[1] = 0  # the position scene's image blanked: only that kind drops
+    by_kind = scenes.accuracy_by_kind(wrong, prompts)
+    assert by_kind["position"] == 0.0 and by_kind["single_object"] == by_kind["count"] == 1.0
+    assert scenes.is_toy_prompt("a red circle") and not scenes.is_toy_prompt("a photo of a cat")

@@ -26,6 +26,7 @@ import torch
 
 from ..checkpoint import EMA_FILE, STATE_FILE, latest_checkpoint, load_checkpoint
 from ..data import load_prompts
+from ..toy import scenes
 from .report import save_before_after_grid
 
 log = logging.getLogger(__name__)
@@ -121,11 +122,15 @@ def evaluate_model(trainer, prompts: list[str], seeds: int) -> tuple[dict[str, f
                                                                         torch.Tensor]:
     """Trainer.evaluate() for each seed index; returns (mean over seeds, per seed, seed-0 images)."""
     per_seed, images = [], None
+    toy_prompts = all(scenes.is_toy_prompt(p) for p in prompts)
     for s in range(seeds):
         with _evaluation_seed(trainer, s):
-            result = trainer.evaluate(prompts=prompts, return_images=s == 0)
+            result = trainer.evaluate(prompts=prompts, return_images=s == 0 or toy_prompts)
+        seed_images = result.pop("images")
         if s == 0:
-            images = result.pop("images")
+            images = seed_images
+        if toy_prompts:  # the overall accuracy alone hides which kinds moved
+            result.update({f"accuracy/{kind}": value for kind, value in scenes.accuracy_by_kind(seed_images, prompts).items()})
         per_seed.append({key.removeprefix("eval/"): value for key, value in result.items()})
     names = list(dict.fromkeys(name for row in per_seed for name in row))
     mean = {name: _mean([row.get(name, math.nan) for row in per_seed]) for name in names}

@@ -636,6 +636,22 @@ def check(images: Tensor, prompts: list[str]) -> CheckResult:
     return CheckResult(score=score, correct=correct, detections=detections)
 
 
+def is_toy_prompt(prompt: str) -> bool:
+    try:
+        parse_prompt(prompt)
+    except ValueError:
+        return False
+    return True
+
+
+def accuracy_by_kind(images: Tensor, prompts: list[str]) -> dict[str, float]:
+    """Strict accuracy of each prompt kind present (GenEval reports its tasks separately)."""
+    correct = check(images, prompts).correct.float()
+    kinds = [parse_prompt(p).kind for p in prompts]
+    return {kind: correct[[i for i, k in enumerate(kinds) if k == kind]].mean().item()
+            for kind in KINDS if kind in kinds}
+
+
 class ToyGenEvalReward:
     """Rule-based reward for the toy world: fraction of prompt requirements met, in [0, 1].
 

@@ -4,7 +4,8 @@ Each rank runs one real `Trainer.step()` (rollout, rewards, advantages, one upda
 what it trained on. The reference is a single-process Trainer that recomputes the rewards and
 advantages of the union of the ranks' samples itself, and takes one update on them: its weights
 must equal every rank's weights after the step (fp32, 1e-5), with and without FSDP (the FSDP
-run also checkpoints activations inside each sharded block; the reference does not).
+run also checkpoints activations inside each sharded block, which the reference does not, and
+adds a KL term to the frozen initial model, an unsharded copy on every rank).
 
 The FSDP ranks also write a sharded (DCP) checkpoint, which one process without FSDP resumes:
 weights, EMA, optimizer moments, LR schedule and iteration must come back exactly.
@@ -89,8 +90,9 @@ def _config(tiny_config: dict, placement: str, fsdp: bool) -> dict:
     # tau 1 and one update: the update holds every (chunk, step) pair, as in the reference.
     cfg["trainer"].update(updates_per_iteration=1, micro_batch_size=4, iterations=3)
     cfg["parallel"] = {"group_placement": placement, "fsdp": fsdp}
-    if fsdp:  # also with activation checkpointing inside the shards, checkpointed, with an EMA
+    if fsdp:  # also with activation checkpointing inside the shards, a KL term, checkpointed, with an EMA
         cfg["parallel"]["activation_checkpointing"] = "selective"
+        cfg["grpo"]["kl_coef"] = 0.5
         cfg["trainer"].update(ema_decay=0.9, lr_schedule="linear")
     return cfg
 
@@ -155,6 +157,8 @@ def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, pl
     expected = grpo.aggregate_advantages(scores.values, reference.rewards.weights, g.group_size, valid=scores.valid)
     torch.testing.assert_close(advantages, expected, rtol=1e-5, atol=1e-6)
     assert valid.all()
+    for data in ranks:
+        assert (data["metrics"]["kl"] > 0) == fsdp  # the KL term is on (FSDP case) and does something
     for data in ranks:  # metrics are global: every rank reports the mean over all samples
         torch.testing.assert_close(data["metrics"]["reward/rewards_for_tests:mean_brightness_mean"],
                                    scores.values["rewards_for_tests:mean_brightness"].mean().item(),

@@ -274,12 +274,23 @@ class Trainer:
                              "'rank' with it (or best_of_n_keep null)")
         return dp, mesh
 
+    def _install_sequence_parallel(self, group):
+        """Ulysses on the denoiser; sliding-tile attention, if the adapter has it, keeps running inside
+        (per-head windows cut to this rank's heads; its controller keeps the trainer's step schedule)."""
+        from .distributed import install_ulysses
+        sta = getattr(self.adapter, "sta", None)
+        if sta is None:
+            return install_ulysses(self.policy, group)
+        from .distributed.ulysses import group_rank, group_size
+        from .distributed.ulysses_sta import _HeadShardController, _sta_attend
+        shard = _HeadShardController(sta, self.policy.config.num_attention_heads, group_size(group), group_rank(group))
+        return install_ulysses(self.policy, group, attend_for_layer=lambda layer: _sta_attend(shard, layer))
+
     def _wrap_policy(self) -> bool:
         """Sequence parallelism, then activation checkpointing and compile, then FSDP2. True if sharded."""
         par = self.cfg.parallel
         if par.sp_size > 1:
-            from .distributed import install_ulysses
-            self._ulysses = install_ulysses(self.policy, self.mesh["sp"].get_group())
+            self._ulysses = self._install_sequence_parallel(self.mesh["sp"].get_group())
         if par.activation_checkpointing != "none" or par.compile_blocks:
             from .distributed.fsdp import apply_block_wrappers
             apply_block_wrappers(self.policy, par.activation_checkpointing, par.checkpoint_every_n_blocks,

@@ -1,5 +1,6 @@
-"""Ulysses inside the trainer: a training step of a tiny HunyuanVideo on 2 sequence-parallel gloo ranks
-(one data-parallel replica) equals the same step in one process: same rollout noise, same update."""
+"""Ulysses inside the trainer: a training step of a tiny HunyuanVideo with sliding-tile attention on 2
+sequence-parallel gloo ranks (one data-parallel replica) equals the same step in one process: same
+rollout noise, same rewards, same update."""
 from __future__ import annotations
 
 import os
@@ -41,8 +42,10 @@ def test_sequence_parallel_step_equals_single_process_step(tmp_path):
     assert main(["preprocess", "--model", "hunyuan_video", "--path", str(ckpt), "--prompts", str(prompts),
                  "--out", str(tmp_path / "cache"), "--dtype", "float32", "--option", "max_sequence_length=48",
                  "--option", "template_crop_start=auto", "--no-progress"]) == 0
-    # 5 frames of 32 x 48 pixels: 2 x 2 x 3 = 12 video tokens after patchify, 6 per rank.
-    options = {"prompt_cache": str(tmp_path / "cache"), "height": 32, "width": 48, "frames": 5}
+    # 5 frames of 32 x 48 pixels: 2 x 2 x 3 = 12 video tokens after patchify, 6 per rank. Sliding-tile
+    # attention inside: a window per head (each rank keeps its head's), full attention at step 0.
+    sta = {"window": [[1, 1, 1], [1, 2, 2]], "tile": [1, 2, 2], "full_attention_steps": 1, "backend": "reference"}
+    options = {"prompt_cache": str(tmp_path / "cache"), "height": 32, "width": 48, "frames": 5, "sta": sta}
     config = trainer_config(tmp_path / "run", "hunyuan_video", ckpt, options)
     config["grpo"]["tau"] = 1.0
 

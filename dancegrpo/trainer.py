@@ -260,7 +260,7 @@ class Trainer:
                                      "or turn it off for a single process")
             return DataParallel(placement=par.group_placement), None
         from .distributed.mesh import build_mesh
-        init_process_group()
+        init_process_group("gloo" if self.device.type == "cpu" else None)  # NCCL only for GPU tensors
         if self.device.type == "cuda":  # each process its own GPU: LOCAL_RANK's (set when joining)
             self.device = torch.device("cuda", torch.cuda.current_device())
         mesh = build_mesh(par.sp_size, self.device.type)

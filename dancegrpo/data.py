@@ -6,9 +6,9 @@ from pathlib import Path
 import torch
 
 
-# Samples per prompt kind in the held-out set: 5 kinds x 24 = 120 samples, so its accuracy is
+# Samples per prompt kind in the held-out set: 5 kinds x 48 = 240 samples, so its accuracy is
 # GenEval's overall score (the mean over kinds), not a relation score in disguise.
-TOY_EVAL_PER_KIND = 24
+TOY_EVAL_PER_KIND = 48
 
 
 def load_prompts(source: str) -> list[str]:

@@ -275,9 +275,24 @@ def _write_json_file(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _state_digest(state: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in state.items() if k != "state_sha256"}
+def json_digest(record: Mapping[str, Any], digest_key: str) -> str:
+    """SHA-256 of a JSON record without its own checksum field `digest_key`."""
+    body = {k: v for k, v in record.items() if k != digest_key}
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+def read_checksummed_json(path: Path, digest_key: str, missing: str) -> dict[str, Any]:
+    """Load a JSON record written with `json_digest` under `digest_key`; CheckpointError
+    (`missing` when absent) if it is absent, unreadable or does not match its checksum."""
+    if not path.is_file():
+        raise CheckpointError(missing)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{path} is unreadable or corrupted: {err}") from err
+    if not isinstance(record, dict) or record.get(digest_key) != json_digest(record, digest_key):
+        raise CheckpointError(f"{path} is corrupted (its checksum does not match its content)")
+    return record
 
 
 def _read_tensor_file(ckpt: Path, name: str, map_location: str) -> dict[str, torch.Tensor]:
@@ -478,7 +493,7 @@ def _write_checkpoint_files(
     state["files"] = {
         p.name: {"size": p.stat().st_size, "sha256": _sha256_of(p)} for p in sorted(tmp_dir.iterdir())
     }
-    state["state_sha256"] = _state_digest(state)
+    state["state_sha256"] = json_digest(state, "state_sha256")
     _write_json_file(tmp_dir / STATE_FILE, state)
     _fsync_dir(tmp_dir)
 
@@ -537,14 +552,7 @@ def save_checkpoint(
 
 def _read_state(ckpt: Path) -> dict[str, Any]:
     path = ckpt / STATE_FILE
-    if not path.is_file():
-        raise CheckpointError(f"{path} is missing; the checkpoint is incomplete")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{path} is unreadable or corrupted: {err}") from err
-    if not isinstance(state, dict) or state.get("state_sha256") != _state_digest(state):
-        raise CheckpointError(f"{path} is corrupted (its checksum does not match its content)")
+    state = read_checksummed_json(path, "state_sha256", f"{path} is missing; the checkpoint is incomplete")
     version = state.get("format_version")
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {version}; this dancegrpo reads "

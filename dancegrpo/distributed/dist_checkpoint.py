@@ -20,7 +20,6 @@ trainer comes from generators seeded by (seed, iteration, rank).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from ..checkpoint import (EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, CheckpointError, TMP_PREFIX,
-                          _checkpoints_dir, _decode, _encode, _fsync_dir, _prune, _publish, _read_tensor_file,
+                          json_digest, read_checksummed_json, _checkpoints_dir, _decode, _encode, _fsync_dir, _prune, _publish, _read_tensor_file,
                           _step_dir_name, verify_checkpoint)
 
 FORMAT = "dancegrpo-dcp-1"
@@ -55,11 +54,6 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-def _digest(meta: Mapping[str, Any]) -> str:
-    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -98,7 +92,7 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.
                 "scheduler": _encode(scheduler.state_dict(), "", None) if scheduler is not None else None,
                 "has_optimizer": optimizer is not None, "has_ema": ema is not None,
                 "extra": json.loads(json.dumps(dict(extra or {}), default=float)), "files": files}
-        meta["meta_sha256"] = _digest(meta)
+        meta["meta_sha256"] = json_digest(meta, "meta_sha256")
         with open(tmp_dir / META_FILE, "w", encoding="utf-8") as f:
             json.dump(meta, f, indent=1)
             f.flush()
@@ -114,15 +108,9 @@ def verify_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """Check ``meta.json`` (checksum, format) and the size of every DCP file; returns the metadata."""
     ckpt = Path(path)
     meta_path = ckpt / META_FILE
-    if not meta_path.is_file():
-        raise CheckpointError(f"{meta_path} is missing: the sharded checkpoint is incomplete (expected "
-                              f"{ckpt}/{META_FILE} next to {ckpt}/{DCP_DIR}/)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{meta_path} is unreadable or corrupted: {err}") from err
-    if not isinstance(meta, dict) or meta.get("meta_sha256") != _digest(meta):
-        raise CheckpointError(f"{meta_path} is corrupted (its checksum does not match its content)")
+    meta = read_checksummed_json(meta_path, "meta_sha256",
+                                 f"{meta_path} is missing: the sharded checkpoint is incomplete (expected "
+                                 f"{ckpt}/{META_FILE} next to {ckpt}/{DCP_DIR}/)")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{meta_path} has format {meta.get('format')!r}; this dancegrpo reads {FORMAT!r}")
     for name, size in meta["files"].items():

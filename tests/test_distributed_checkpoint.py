@@ -1,6 +1,6 @@
 """A killed rank under torchrun: the restarted job resumes from the last (sharded) checkpoint and finishes.
 
-(Writing a sharded checkpoint on 2 FSDP ranks and resuming it on 1 process is checked in
+(The evaluation loader reads the sharded checkpoint too. Writing one on 2 FSDP ranks and resuming it on 1 process is checked in
 test_distributed_data_parallel.py, on the ranks that test already runs.)
 """
 from __future__ import annotations
@@ -74,3 +74,11 @@ def test_killed_rank_restarts_from_last_checkpoint_and_finishes(tiny_config, tmp
     assert final.keys() == trainer.ema.keys()
     for name, value in final.items():
         torch.testing.assert_close(value, trainer.ema[name], rtol=0, atol=0)
+    # `dancegrpo eval` reads the same sharded checkpoint in one process: weights and EMA as resumed.
+    from dancegrpo.eval.evaluate import load_checkpoint_weights
+    evaluator = Trainer(single)
+    assert load_checkpoint_weights(evaluator, run_dir) == 3
+    for (name, value), (_, resumed) in zip(evaluator.policy.state_dict().items(), trainer.policy.state_dict().items()):
+        torch.testing.assert_close(value, resumed, rtol=0, atol=0, msg=name)
+    for name, value in evaluator.ema.items():
+        torch.testing.assert_close(value, trainer.ema[name], rtol=0, atol=0, msg=name)

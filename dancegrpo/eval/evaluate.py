@@ -26,13 +26,15 @@ import torch
 
 from ..checkpoint import EMA_FILE, STATE_FILE, latest_checkpoint, load_checkpoint
 from ..data import load_prompts
+from ..distributed.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, verify_sharded_checkpoint
 from ..toy import scenes
 from .report import save_before_after_grid
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_LAYOUT = ("a run folder holding checkpoints/step_<N>/ (its newest valid checkpoint is used) or one "
-                     f"checkpoint folder holding {STATE_FILE} and model.safetensors")
+                     f"checkpoint folder holding {STATE_FILE} and model.safetensors (or, from a multi-process "
+                     "run, dcp/ and meta.json)")
 
 
 @dataclass
@@ -68,7 +70,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                     f"{given / 'checkpoints'} (a run writes one every trainer.checkpoint_every "
                                     "iterations)")
         return newest
-    if not (given / STATE_FILE).is_file():
+    if not (given / STATE_FILE).is_file() and not is_sharded_checkpoint(given):
         raise FileNotFoundError(f"{str(path)!r} is not a checkpoint: expected {CHECKPOINT_LAYOUT}. An exported "
                                 "model folder (e.g. <run>/final_model) is a base model: pass it as "
                                 "--set model.path=<folder> instead")
@@ -83,9 +85,15 @@ def load_checkpoint_weights(trainer, path: str | Path) -> int:
     evaluation, not for resuming (see `Trainer.resume`).
     """
     ckpt = resolve_checkpoint(path)
-    use_ema = trainer.ema is not None and (ckpt / EMA_FILE).is_file()
-    state = load_checkpoint(ckpt, model=trainer.policy, ema=trainer.ema if use_ema else None,
-                            restore_global_rng=False)
+    if is_sharded_checkpoint(ckpt):  # written by a multi-process run; DCP reshards it for one process
+        has_ema = bool(verify_sharded_checkpoint(ckpt)["has_ema"])
+        use_ema = trainer.ema is not None and has_ema
+        state = load_sharded_checkpoint(ckpt, model=trainer.policy, ema=trainer.ema if use_ema else None)
+    else:
+        has_ema = (ckpt / EMA_FILE).is_file()
+        use_ema = trainer.ema is not None and has_ema
+        state = load_checkpoint(ckpt, model=trainer.policy, ema=trainer.ema if use_ema else None,
+                                restore_global_rng=False)
     if trainer.ema is not None and not use_ema:
         # Otherwise evaluation would swap in the EMA of the base weights the trainer started with.
         log.warning("%s has no EMA weights (%s) although trainer.ema_decay is set: evaluating its raw weights",
@@ -93,7 +101,7 @@ def load_checkpoint_weights(trainer, path: str | Path) -> int:
         with torch.no_grad():
             for name, param in trainer.policy.named_parameters():
                 trainer.ema[name].copy_(param.detach().float())
-    elif trainer.ema is None and (ckpt / EMA_FILE).is_file():
+    elif trainer.ema is None and has_ema:
         log.info("%s also holds EMA weights; the config sets no trainer.ema_decay, so its raw weights are used",
                  ckpt)
     return int(state["extra"].get("iteration", state["step"]))

@@ -235,11 +235,16 @@ class FSDPConfig:
     param_dtype: str = "fp32"        # fp32 | bf16: dtype of the gathered parameters in compute
     reduce_dtype: str = "fp32"       # fp32 | bf16: dtype of the gradient reduce-scatter
     cpu_offload: bool = False        # keep sharded parameters, gradients and optimizer state on the CPU
+    # null: shard over every process. N: shard within groups of N consecutive ranks (a node: its
+    # all-gathers stay on NVLink) and replicate across groups (HSDP; docs/scaling.md says why).
+    shard_size: int | None = None
 
     def validate(self) -> list[str]:
         return _problems(
             _one_of("param_dtype", self.param_dtype, ("fp32", "bf16")),
             _one_of("reduce_dtype", self.reduce_dtype, ("fp32", "bf16")),
+            _rule("shard_size", self.shard_size, self.shard_size is None or self.shard_size >= 1,
+                  ">= 1 (e.g. the GPUs per node), or null to shard over every process"),
         )
 
 

@@ -297,13 +297,11 @@ class Trainer:
                                  par.compile_blocks)
         if not par.fsdp.enabled:
             return False
-        from torch.distributed.device_mesh import init_device_mesh
-
-        from .distributed.fsdp import shard_model
-        # One flat mesh over every process: sequence-parallel ranks hold partial gradients of the
-        # same replica, so FSDP reduces over all of them.
-        world_mesh = init_device_mesh(self.device.type, (dist.get_world_size(),), mesh_dim_names=("fsdp",))
-        shard_model(self.policy, world_mesh, par.fsdp.param_dtype, par.fsdp.reduce_dtype, par.fsdp.cpu_offload)
+        from .distributed.fsdp import fsdp_mesh, shard_model
+        # Over every process (or HSDP groups of them): sequence-parallel ranks hold partial
+        # gradients of the same replica, so FSDP reduces over all of them.
+        mesh = fsdp_mesh(self.device.type, dist.get_world_size(), par.fsdp.shard_size)
+        shard_model(self.policy, mesh, par.fsdp.param_dtype, par.fsdp.reduce_dtype, par.fsdp.cpu_offload)
         return True
 
     def _generator(self, *keys) -> torch.Generator:

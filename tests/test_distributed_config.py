@@ -46,3 +46,13 @@ def test_every_bad_field_is_named_with_the_allowed_values():
 def test_unknown_key_suggests_the_right_one():
     with pytest.raises(ConfigError, match="parallel.fsdp.cpu_ofload is not a known key.*cpu_offload"):
         load_config({**MINIMAL, "parallel": {"fsdp": {"cpu_ofload": True}}})
+
+
+def test_hsdp_shard_size_is_validated_and_must_divide_the_world():
+    from dancegrpo.distributed.fsdp import fsdp_mesh
+
+    with pytest.raises(ConfigError, match=r"parallel\.fsdp\.shard_size = 0"):
+        load_config({"data": {"train_prompts": "toy:train"}, "rewards": [{"name": "toy_reward"}],
+                     "parallel": {"fsdp": {"enabled": True, "shard_size": 0}}})
+    with pytest.raises(ValueError, match=r"shard_size = 3 does not divide the world size 8: choose one of \[1, 2, 4, 8\]"):
+        fsdp_mesh("cpu", 8, 3)

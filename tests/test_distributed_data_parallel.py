@@ -31,7 +31,7 @@ from dancegrpo.models import repeat_cond
 from dancegrpo.rollout import Rollout
 from dancegrpo.trainer import Trainer
 
-WORLD = 2
+WORLD = 2  # ranks, unless a case says otherwise (HSDP needs 2 x 2)
 
 
 def _free_port() -> int:
@@ -55,15 +55,18 @@ def _full_state(trainer: Trainer) -> dict:
             "lr": trainer.scheduler.get_last_lr()}
 
 
-def _worker(rank: int, port: int, config: dict, out_dir: str, start: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+def _worker(rank: int, port: int, config: dict, out_dir: str, start: str, world: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
         trainer = Trainer(config)
         assert trainer.resume(start) and trainer.iteration == 1  # a single-process checkpoint
-        assert trainer.dp.size == WORLD and trainer.dp.rank == rank and trainer.is_main == (rank == 0)
-        assert trainer.sharded == config["parallel"]["fsdp"]
+        assert trainer.dp.size == world and trainer.dp.rank == rank and trainer.is_main == (rank == 0)
+        assert trainer.sharded == bool(config["parallel"]["fsdp"])
+        if trainer.sharded:  # HSDP shards over a 2D (replicate, shard) mesh, FSDP over a 1D one
+            mesh = next(trainer.policy.parameters()).device_mesh
+            assert mesh.ndim == (2 if config["parallel"]["fsdp"].get("shard_size") else 1)
         assert bool(checkpointed_blocks(trainer.policy)) == ("activation_checkpointing" in config["parallel"])
         seen = {}
         original = trainer._update
@@ -83,13 +86,13 @@ def _worker(rank: int, port: int, config: dict, out_dir: str, start: str) -> Non
         dist.destroy_process_group()
 
 
-def _config(tiny_config: dict, placement: str, fsdp: bool) -> dict:
+def _config(tiny_config: dict, placement: str, fsdp: bool, shard_size: int | None = None) -> dict:
     cfg = copy.deepcopy(tiny_config)
     cfg["data"]["eval_prompts"] = ""
     cfg["grpo"].update(prompts_per_iteration=4, group_size=4, tau=1.0)
     # tau 1 and one update: the update holds every (chunk, step) pair, as in the reference.
     cfg["trainer"].update(updates_per_iteration=1, micro_batch_size=4, iterations=3)
-    cfg["parallel"] = {"group_placement": placement, "fsdp": fsdp}
+    cfg["parallel"] = {"group_placement": placement, "fsdp": {"enabled": True, "shard_size": shard_size} if fsdp else False}
     if fsdp:  # also with activation checkpointing inside the shards, a KL term, checkpointed, with an EMA
         cfg["parallel"]["activation_checkpointing"] = "selective"
         cfg["grpo"]["kl_coef"] = 0.5
@@ -108,7 +111,7 @@ def _global_batch(ranks: list[dict], placement: str, num_prompts: int, group_siz
     chunks = []
     for rank, data in enumerate(ranks):
         batch = data["batch"]
-        rows = DataParallel(rank=rank, size=WORLD, placement=placement).local_rows(num_prompts, group_size)
+        rows = DataParallel(rank=rank, size=len(ranks), placement=placement).local_rows(num_prompts, group_size)
         latents[rows], log_probs[rows] = batch["latents"], batch["log_probs"]
         advantages[rows], valid[rows] = batch["advantages"], batch["valid"]
         for k in cond:
@@ -117,9 +120,12 @@ def _global_batch(ranks: list[dict], placement: str, num_prompts: int, group_siz
     return Rollout(latents, log_probs, chunks), advantages, valid, cond
 
 
-@pytest.mark.parametrize("placement,fsdp", [("rank", False), ("spread", True)])
-def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, placement, fsdp):
-    cfg = _config(tiny_config, placement, fsdp)
+@pytest.mark.parametrize("placement,fsdp,world,shard_size", [
+    ("rank", False, WORLD, None), ("spread", True, WORLD, None),
+    ("rank", True, 4, 2),  # HSDP: 2 replicas x 2 shards
+])
+def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, placement, fsdp, world, shard_size):
+    cfg = _config(tiny_config, placement, fsdp, shard_size)
     single = copy.deepcopy(cfg)
     del single["parallel"]
     # Everyone starts from a single-process checkpoint after one iteration, so the step below also
@@ -128,8 +134,8 @@ def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, pl
     first.step()
     start = str(first.save())
 
-    mp.spawn(_worker, args=(_free_port(), cfg, str(tmp_path), start), nprocs=WORLD, join=True)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    mp.spawn(_worker, args=(_free_port(), cfg, str(tmp_path), start, world), nprocs=world, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
     reference = Trainer(single)
     assert reference.resume(start) and reference.iteration == 1
@@ -148,7 +154,7 @@ def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, pl
     first_step = rollout.latents[:, 1].reshape(len(prompts), g.group_size, -1)
     assert (first_step[:, 1:] != first_step[:, :1]).any(-1).all()  # SDE noise differs within every group
     if placement == "spread":  # a group's halves on the two ranks: distinct SDE noise per rank
-        half = g.group_size // WORLD
+        half = g.group_size // world
         assert not torch.equal(first_step[:, :half], first_step[:, half:])
 
     # Advantages: the single-process computation on the union of the final samples.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from . import blocks
@@ -25,9 +25,28 @@ def apply_block_wrappers(model: nn.Module, activation_checkpointing: str = "none
         blocks.compile_blocks(model)
 
 
+def fsdp_mesh(device_type: str, world_size: int, shard_size: int | None = None) -> DeviceMesh:
+    """The mesh FSDP2 shards over: 1D over every process, or 2D ("replicate", "shard") for HSDP.
+
+    Ranks of one shard group are consecutive, so with shard_size = GPUs per node the per-block
+    all-gathers and reduce-scatters stay inside a node; only the gradient all-reduce between
+    replicas crosses the network.
+    """
+    if shard_size is None or shard_size == world_size:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("shard",))
+    if shard_size < 1 or world_size % shard_size:
+        divisors = [d for d in range(1, world_size + 1) if world_size % d == 0]
+        raise ValueError(f"parallel.fsdp.shard_size = {shard_size} does not divide the world size {world_size}: "
+                         f"choose one of {divisors} (or null to shard over every process)")
+    return init_device_mesh(device_type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
 def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: str = "fp32", reduce_dtype: str = "fp32",
                 cpu_offload: bool = False) -> nn.Module:
     """FSDP2: `fully_shard` each transformer block, then the root (in place; returns `model`).
+
+    A 2D `mesh` (from `fsdp_mesh` with a shard_size) gives HSDP: sharded along its second
+    dimension, replicated along its first.
 
     param_dtype is the dtype blocks compute in after the all-gather, reduce_dtype that of the
     gradient reduce-scatter; the sharded master weights stay in their own dtype (fp32).

@@ -1,6 +1,7 @@
 """Ulysses inside the trainer: a training step of a tiny HunyuanVideo with sliding-tile attention on 2
 sequence-parallel gloo ranks (one data-parallel replica) equals the same step in one process: same
-rollout noise, same rewards, same update."""
+rollout noise, same rewards, same update. On 2 x 2 ranks (two replicas, FSDP2 over all four) the
+step is self-consistent (see the test)."""
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import socket
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import pytest
 
 from dancegrpo.cli import main
 from dancegrpo.trainer import Trainer
@@ -23,20 +25,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _worker(rank: int, port: int, config: dict, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+def _worker(rank: int, port: int, config: dict, out_dir: str, world: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
         trainer = Trainer(config, rewards={"brightness": brightness})
-        assert (trainer.dp.size, trainer.dp.world) == (1, WORLD)
+        assert (trainer.dp.size, trainer.dp.world) == (world // config["parallel"]["sp_size"], world)
+        assert trainer.sharded == config["parallel"].get("fsdp", False)
         metrics = trainer.step()
-        torch.save({"weights": trainer.policy.state_dict(), "metrics": metrics}, os.path.join(out_dir, f"{rank}.pt"))
+        weights = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().clone()
+                   for k, v in trainer.policy.state_dict().items()}  # FSDP: gathered on every rank
+        torch.save({"weights": weights, "metrics": metrics}, os.path.join(out_dir, f"{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def test_sequence_parallel_step_equals_single_process_step(tmp_path):
+@pytest.mark.parametrize("world,parallel", [(WORLD, {"sp_size": 2}), (4, {"sp_size": 2, "fsdp": True})],
+                         ids=["sp2", "sp2xdp2-fsdp"])
+def test_sequence_parallel_step_equals_single_process_step(tmp_path, world, parallel):
     ckpt = build_hunyuan_video(tmp_path / "ckpt")
     prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
     assert main(["preprocess", "--model", "hunyuan_video", "--path", str(ckpt), "--prompts", str(prompts),
@@ -49,19 +56,33 @@ def test_sequence_parallel_step_equals_single_process_step(tmp_path):
     config = trainer_config(tmp_path / "run", "hunyuan_video", ckpt, options)
     config["grpo"]["tau"] = 1.0
 
-    mp.spawn(_worker, args=(_free_port(), {**config, "parallel": {"sp_size": WORLD}}, str(tmp_path)),
-             nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(_free_port(), {**config, "parallel": parallel}, str(tmp_path), world),
+             nprocs=world, join=True)
+    saved = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(world)]
+    if world > parallel["sp_size"]:
+        # Two replicas draw their own SDE noise, so a single process cannot replay this rollout
+        # (test_distributed_data_parallel checks DP against one process from the recorded batch).
+        # Here: Ulysses inside FSDP replicas is self-consistent. Old and new log-probs agree on
+        # every rank, every rank reports the same global metrics and ends with the same weights.
+        initial = Trainer(config, rewards={"brightness": brightness}).policy.state_dict()
+        for rank, data in enumerate(saved):
+            assert data["metrics"]["first_update_logp_max_dev"] == 0.0
+            assert data["metrics"]["reward/brightness_mean"] == saved[0]["metrics"]["reward/brightness_mean"]
+            for name, value in saved[0]["weights"].items():
+                torch.testing.assert_close(data["weights"][name], value, rtol=0, atol=0,
+                                           msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
+        assert any(not torch.equal(saved[0]["weights"][k], v) for k, v in initial.items())
+        return
     reference = Trainer(config, rewards={"brightness": brightness})
     before = {k: v.clone() for k, v in reference.policy.state_dict().items()}
     expected = reference.step()
     after = reference.policy.state_dict()
     assert any(not torch.equal(after[k], before[k]) for k in after)
-    for rank in range(WORLD):
-        saved = torch.load(tmp_path / f"{rank}.pt", weights_only=False)
+    for rank, data in enumerate(saved):
         # The rollouts agree: the same rewards, and old and new log-probs agree at the first update.
-        assert saved["metrics"]["first_update_logp_max_dev"] == 0.0
-        torch.testing.assert_close(saved["metrics"]["reward/brightness_mean"], expected["reward/brightness_mean"],
+        assert data["metrics"]["first_update_logp_max_dev"] == 0.0
+        torch.testing.assert_close(data["metrics"]["reward/brightness_mean"], expected["reward/brightness_mean"],
                                    rtol=1e-5, atol=1e-6)
         for name, value in after.items():
-            torch.testing.assert_close(saved["weights"][name], value, rtol=1e-5, atol=1e-5,
+            torch.testing.assert_close(data["weights"][name], value, rtol=1e-5, atol=1e-5,
                                        msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")

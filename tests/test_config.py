@@ -74,7 +74,7 @@ FULL_YAML = textwrap.dedent("""\
       overlap_rewards: true
     parallel:
       sp_size: 2
-      fsdp: {enabled: true, param_dtype: bf16, reduce_dtype: fp32, cpu_offload: true}
+      fsdp: {enabled: true, param_dtype: bf16, reduce_dtype: fp32, cpu_offload: true, shard_size: 8}
       activation_checkpointing: selective
       checkpoint_every_n_blocks: 2
       compile_blocks: true

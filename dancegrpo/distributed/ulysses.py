@@ -106,13 +106,9 @@ class _GatherShares(torch.autograd.Function):
         return recv.sum(0), None, None
 
 
-class _GatherReplicatedLoss(torch.autograd.Function):
-    """All-gather of the model output: every rank computes the same loss, so each keeps its own slice."""
-
-    @staticmethod
-    def forward(ctx, x, dim: int, group):
-        ctx.dim, ctx.group = dim, group
-        return _all_gather(x, dim, group)
+class _GatherReplicatedLoss(_GatherShares):
+    """All-gather of the model output: every rank computes the same loss, so each keeps its own slice
+    (same forward as _GatherShares; only the gradient rule differs)."""
 
     @staticmethod
     def backward(ctx, grad):

@@ -5,16 +5,19 @@ It goes through the same code path as FLUX.1-dev: diffusers' FluxTransformer2DMo
 pooled text projections, embedded guidance, and a sigma-valued timestep.
 
 Differences from FLUX, chosen so it trains and samples in seconds on a CPU:
-- "latents" are pixels: a small RGB image (`image_size`, 16 for the committed model) in
-  [-1, 1] rearranged space-to-depth into a 12 x image_size/2 x image_size/2 tensor, so
-  decode is a fixed pixel-shuffle plus a bicubic upsampling to `output_size` (32) instead
-  of a VAE. A small latent matters for RL: the policy gradient's noise grows with the
-  number of latent elements;
+- the latent space is either that of a tiny diffusers AutoencoderKL (as FLUX has a VAE,
+  with its scaling and shift factors; `vae/` in the checkpoint, the committed model's
+  choice: 4 x 8 x 8 = 256 latent elements for a 32 x 32 image) or, without a VAE, the
+  pixels themselves: the RGB image in [-1, 1] rearranged space-to-depth into
+  12 x image_size/2 x image_size/2, with an optional bicubic upsampling to `output_size`.
+  A small latent matters for RL: the policy gradient's noise grows with the number of
+  latent elements, and a decoder keeps what the policy explores on the image manifold;
 - the text encoder is a word-level embedding plus one transformer layer (the real
   model's CLIP and T5 are replaced, not emulated).
 
 On disk it is a diffusers-style directory: `transformer/` (FluxTransformer2DModel's own
-save_pretrained format) and `text_encoder/` (config.json + model.safetensors).
+save_pretrained format), `text_encoder/` (config.json + model.safetensors) and, in latent
+mode, `vae/` (AutoencoderKL's save_pretrained format).
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from diffusers import FluxTransformer2DModel
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -142,18 +145,27 @@ class ToyFluxGenerator(nn.Module):
     prediction = "flow"
 
     def __init__(self, transformer: FluxTransformer2DModel, text_encoder: ToyTextEncoder,
-                 image_size: int = 32, guidance_scale: float = 1.0, output_size: int | None = None):
+                 image_size: int = 32, guidance_scale: float = 1.0, output_size: int | None = None,
+                 vae: AutoencoderKL | None = None):
         super().__init__()
         self.transformer = transformer
         self.text_encoder = text_encoder.requires_grad_(False).eval()
-        if image_size % 4:
-            raise ValueError(f"toy_flux image_size must be a multiple of 4 (2x2 space-to-depth, then 2x2 "
-                             f"packing), got {image_size}")
+        self.vae = vae.requires_grad_(False).eval() if vae is not None else None
+        # Pixel mode: 2x2 space-to-depth; latent mode: the VAE's downsampling. Then FLUX's 2x2 packing.
+        factor = vae_downsampling(vae) if vae is not None else 2
+        if image_size % (2 * factor):
+            raise ValueError(f"toy_flux image_size must be a multiple of {2 * factor} (a {factor}x "
+                             f"{'VAE downsampling' if vae is not None else 'space-to-depth'}, then 2x2 packing), "
+                             f"got {image_size}")
         self.image_size = image_size
         self.output_size = output_size or image_size
         self.guidance_scale = guidance_scale
-        self.latent_channels = transformer.config.in_channels // 4
-        h = image_size // 2
+        self.latent_channels = vae.config.latent_channels if vae is not None else 12
+        if transformer.config.in_channels != 4 * self.latent_channels:
+            raise ValueError(f"toy_flux transformer in_channels = {transformer.config.in_channels}, but 2x2 packing of "
+                             f"{self.latent_channels} latent channels needs {4 * self.latent_channels}")
+        self.latent_size = image_size // factor
+        h = self.latent_size
         self.register_buffer("img_ids", latent_image_ids(h, h), persistent=False)
 
     @property
@@ -161,8 +173,16 @@ class ToyFluxGenerator(nn.Module):
         return self.transformer
 
     def latent_shape(self) -> tuple[int, int, int]:
-        h = self.image_size // 2
-        return (self.latent_channels, h, h)
+        return (self.latent_channels, self.latent_size, self.latent_size)
+
+    @torch.no_grad()
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, image_size, image_size) in [0, 1] -> latents the flow is trained on (pretraining)."""
+        if self.vae is None:
+            return pixels_to_latents(images)
+        cfg = self.vae.config
+        z = self.vae.encode(images.to(self.vae.dtype) * 2 - 1).latent_dist.mode()
+        return (z - (cfg.shift_factor or 0.0)) * cfg.scaling_factor
 
     @torch.no_grad()
     def encode_prompts(self, prompts: list[str]) -> Conditioning:
@@ -188,7 +208,12 @@ class ToyFluxGenerator(nn.Module):
         return unpack_latents(out, c, h, w)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        pixels = latents_to_pixels(latents)
+        if self.vae is None:
+            pixels = latents_to_pixels(latents)
+        else:
+            cfg = self.vae.config
+            z = latents.to(self.vae.dtype) / cfg.scaling_factor + (cfg.shift_factor or 0.0)
+            pixels = (self.vae.decode(z).sample.float() + 1).div(2).clamp(0, 1)
         if self.output_size != self.image_size:
             pixels = F.interpolate(pixels, size=self.output_size, mode="bicubic", align_corners=False).clamp(0, 1)
         return pixels
@@ -197,9 +222,11 @@ class ToyFluxGenerator(nn.Module):
         directory = Path(directory)
         self.transformer.save_pretrained(directory / "transformer")
         self.text_encoder.save_pretrained(directory / "text_encoder")
+        if self.vae is not None:
+            self.vae.save_pretrained(directory / "vae")
         (directory / "model_index.json").write_text(json.dumps(
-            {"_class_name": "ToyFluxGenerator", "image_size": self.image_size, "output_size": self.output_size},
-            indent=2))
+            {"_class_name": "ToyFluxGenerator", "image_size": self.image_size, "output_size": self.output_size,
+             "latent_space": "vae" if self.vae is not None else "pixels"}, indent=2))
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike = "", guidance_scale: float = 1.0) -> "ToyFluxGenerator":
@@ -213,14 +240,33 @@ class ToyFluxGenerator(nn.Module):
         meta = json.loads(index.read_text())
         transformer = FluxTransformer2DModel.from_pretrained(directory, subfolder="transformer")
         text_encoder = ToyTextEncoder.from_pretrained(directory / "text_encoder")
+        vae = None
+        if meta.get("latent_space", "pixels") == "vae":
+            if not (directory / "vae" / "config.json").is_file():
+                raise FileNotFoundError(f"{index} says latent_space = vae, but {directory / 'vae'} holds no "
+                                        "AutoencoderKL (config.json + diffusion_pytorch_model.safetensors)")
+            vae = AutoencoderKL.from_pretrained(directory, subfolder="vae")
         return cls(transformer, text_encoder, image_size=meta["image_size"], guidance_scale=guidance_scale,
-                   output_size=meta.get("output_size"))
+                   output_size=meta.get("output_size"), vae=vae)
+
+
+def vae_downsampling(vae: AutoencoderKL) -> int:
+    """Spatial downsampling factor of an AutoencoderKL: every down block but the last halves."""
+    return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
 def build_toy_flux(seed: int = 0, image_size: int = 32, transformer_overrides: dict | None = None,
-                   text_overrides: dict | None = None, output_size: int | None = None) -> ToyFluxGenerator:
-    """A freshly initialised toy model (random weights), e.g. for pretraining or tests."""
+                   text_overrides: dict | None = None, output_size: int | None = None,
+                   vae: AutoencoderKL | None = None) -> ToyFluxGenerator:
+    """A freshly initialised toy model (random weights), e.g. for pretraining or tests.
+
+    With a (trained) `vae` the flow works in its latent space, and the transformer's in/out
+    channels follow from the VAE's latent channels unless overridden.
+    """
     torch.manual_seed(seed)
-    transformer = FluxTransformer2DModel(**{**DEFAULT_TRANSFORMER_CONFIG, **(transformer_overrides or {})})
+    config = dict(DEFAULT_TRANSFORMER_CONFIG)
+    if vae is not None:
+        config.update(in_channels=4 * vae.config.latent_channels, out_channels=4 * vae.config.latent_channels)
+    transformer = FluxTransformer2DModel(**{**config, **(transformer_overrides or {})})
     text_encoder = ToyTextEncoder(**{**DEFAULT_TEXT_CONFIG, **(text_overrides or {})})
-    return ToyFluxGenerator(transformer, text_encoder, image_size=image_size, output_size=output_size)
+    return ToyFluxGenerator(transformer, text_encoder, image_size=image_size, output_size=output_size, vae=vae)

@@ -22,7 +22,9 @@ import torch
 import yaml
 from tqdm import tqdm
 
-from ..models.toy_flux import EMBEDDED_CHECKPOINT, ToyFluxGenerator, build_toy_flux, pixels_to_latents
+from diffusers import AutoencoderKL
+
+from ..models.toy_flux import EMBEDDED_CHECKPOINT, ToyFluxGenerator, build_toy_flux
 from ..sde import time_shift
 from . import scenes
 
@@ -45,6 +47,7 @@ class PretrainConfig:
     ema_decay: float | None = None  # save an exponential moving average of the weights instead of the last ones
     image_size: int = 32  # the generator's native resolution; scenes are rendered at this size
     output_size: int | None = None  # decode upsamples to this (None = image_size); the checker sees it
+    autoencoder: str | None = None  # a trained toy VAE (dancegrpo.toy.autoencoder): the flow works in its latent
     kind_balanced: bool = False  # draw each prompt kind equally often (scenes.balance_by_kind)
     train_text_encoder: bool = True  # False reproduces stages 1-2, which ran with it frozen at its init
     transformer: dict = field(default_factory=dict)  # overrides of DEFAULT_TRANSFORMER_CONFIG
@@ -61,9 +64,9 @@ def lr_factor(cfg: "PretrainConfig", step: int) -> float:
     return warm
 
 
-def flow_matching_loss(model, images: torch.Tensor, prompts: list[str], generator: torch.Generator,
+def flow_matching_loss(model, x0: torch.Tensor, prompts: list[str], generator: torch.Generator,
                        shift: float) -> torch.Tensor:
-    x0 = pixels_to_latents(images)
+    """Rectified-flow loss on clean latents `x0` (from `model.encode_images`)."""
     noise = torch.randn(x0.shape, generator=generator)
     sigma = time_shift(torch.rand(x0.shape[0], generator=generator), shift)
     s = sigma.view(-1, 1, 1, 1)
@@ -79,11 +82,15 @@ def flow_matching_loss(model, images: torch.Tensor, prompts: list[str], generato
 def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     torch.set_num_threads(cfg.num_threads)
     generator = torch.Generator().manual_seed(cfg.seed)
+    if cfg.init_from and cfg.autoencoder:
+        raise ValueError(f"pretrain: init_from = {cfg.init_from!r} brings its own latent space; drop "
+                         f"autoencoder = {cfg.autoencoder!r} (it only applies to a model built from scratch)")
     if cfg.init_from:
         model = ToyFluxGenerator.from_pretrained(cfg.init_from)
     else:
+        vae = AutoencoderKL.from_pretrained(cfg.autoencoder) if cfg.autoencoder else None
         model = build_toy_flux(seed=cfg.seed, image_size=cfg.image_size, output_size=cfg.output_size,
-                               transformer_overrides=cfg.transformer, text_overrides=cfg.text_encoder)
+                               transformer_overrides=cfg.transformer, text_overrides=cfg.text_encoder, vae=vae)
     model.text_encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
     params = list(model.transformer.parameters())
     if cfg.train_text_encoder:
@@ -97,14 +104,15 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     start = time.time()
     picks = torch.randint(len(prompts), (cfg.dataset_size,), generator=generator)
     data_prompts = [prompts[i] for i in picks]
-    data_images = torch.cat([scenes.render_batch(data_prompts[i: i + 512], generator, size=model.image_size)
-                             for i in tqdm(range(0, cfg.dataset_size, 512), desc="render scenes", disable=not progress)])
+    # Encoded once up front: rendering and the VAE encoder cost more than a training step.
+    data_latents = torch.cat([
+        model.encode_images(scenes.render_batch(data_prompts[i: i + 512], generator, size=model.image_size))
+        for i in tqdm(range(0, cfg.dataset_size, 512), desc="render and encode scenes", disable=not progress)])
     bar = tqdm(range(cfg.steps), desc="pretrain toy_flux", dynamic_ncols=True, disable=not progress)
     for step in bar:
         rows = torch.randint(cfg.dataset_size, (cfg.batch_size,), generator=generator)
         batch_prompts = [data_prompts[i] for i in rows]
-        images = data_images[rows]
-        loss = flow_matching_loss(model, images, batch_prompts, generator, cfg.shift)
+        loss = flow_matching_loss(model, data_latents[rows], batch_prompts, generator, cfg.shift)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -98,6 +98,8 @@ def test_pretraining_on_the_vae_latent_writes_a_loadable_latent_model(tiny_vae_d
     assert model.vae is not None and model.latent_shape() == (4, 8, 8)
     reference = AutoencoderKL.from_pretrained(tiny_vae_dir).state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in model.vae.state_dict().items())  # the VAE stays frozen
+    with pytest.raises(FileNotFoundError, match="dancegrpo.toy.autoencoder"):
+        pretrain(PretrainConfig(autoencoder=str(tmp_path / "nowhere"), output_dir=str(tmp_path / "y")), progress=False)
     with pytest.raises(ValueError, match="init_from"):
         pretrain(PretrainConfig(init_from=str(tmp_path / "flow"), autoencoder=str(tiny_vae_dir),
                                 output_dir=str(tmp_path / "x")), progress=False)

@@ -1,8 +1,10 @@
 """Deterministic flow-matching pretraining of the embedded toy generator.
 
+    python -m dancegrpo.toy.autoencoder --config configs/toy_autoencoder.yaml
     python -m dancegrpo.toy.pretrain --config configs/toy_pretrain.yaml
 
-produces dancegrpo/assets/toy_flux, the base model the quickstart fine-tunes. Training
+produce dancegrpo/assets/toy_flux, the base model the quickstart fine-tunes: the flow
+transformer and text encoder are trained on the latents of the (frozen) toy VAE. Training
 data is drawn on the fly from the procedural scene renderer, every random draw coming
 from one seeded generator, so the same config gives the same weights on the same
 machine. The step budget is deliberately small: the base must be imperfect so that RL
@@ -49,7 +51,7 @@ class PretrainConfig:
     output_size: int | None = None  # decode upsamples to this (None = image_size); the checker sees it
     autoencoder: str | None = None  # a trained toy VAE (dancegrpo.toy.autoencoder): the flow works in its latent
     kind_balanced: bool = False  # draw each prompt kind equally often (scenes.balance_by_kind)
-    train_text_encoder: bool = True  # False reproduces stages 1-2, which ran with it frozen at its init
+    train_text_encoder: bool = True  # False keeps it frozen at its random init
     transformer: dict = field(default_factory=dict)  # overrides of DEFAULT_TRANSFORMER_CONFIG
     text_encoder: dict = field(default_factory=dict)  # overrides of DEFAULT_TEXT_CONFIG
 
@@ -88,7 +90,7 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     if cfg.init_from:
         model = ToyFluxGenerator.from_pretrained(cfg.init_from)
     else:
-        vae = AutoencoderKL.from_pretrained(cfg.autoencoder) if cfg.autoencoder else None
+        vae = _load_autoencoder(cfg.autoencoder) if cfg.autoencoder else None
         model = build_toy_flux(seed=cfg.seed, image_size=cfg.image_size, output_size=cfg.output_size,
                                transformer_overrides=cfg.transformer, text_overrides=cfg.text_encoder, vae=vae)
     model.text_encoder.requires_grad_(cfg.train_text_encoder).train(cfg.train_text_encoder)
@@ -135,6 +137,13 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     _save(model, out, cfg)
     print(f"saved {out} after {cfg.steps} steps in {time.time() - start:.0f}s (final loss {loss.item():.4f})")
     return out
+
+
+def _load_autoencoder(path: str) -> AutoencoderKL:
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"pretrain: autoencoder = {path!r} holds no trained toy VAE (config.json); train it "
+                                "first: python -m dancegrpo.toy.autoencoder --config configs/toy_autoencoder.yaml")
+    return AutoencoderKL.from_pretrained(path)
 
 
 @contextlib.contextmanager

@@ -68,6 +68,7 @@ def test_embedded_checkpoint_is_committed_and_loads():
     index = json.loads((model_dir := __import__("dancegrpo.models.toy_flux", fromlist=["x"]).EMBEDDED_CHECKPOINT)
                        .joinpath("model_index.json").read_text())
     assert index["image_size"] == model.image_size == 32
+    assert index["latent_space"] == "vae" and model.latent_shape() == (4, 8, 8)  # the small latent RL learns on
     assert model_dir.joinpath("pretrain_config.yaml").is_file()
 
 

@@ -321,6 +321,28 @@ def test_extra_objects_are_allowed_except_for_counts():
     assert not scenes.check(images[1:2], ["two green triangles"]).correct.any()
 
 
+def test_clutter_penalty_charges_each_unrequested_object():
+    P = scenes.PlacedObject
+    layouts = [
+        [P("red", "circle", 8, 8, 8)],                                    # exactly what is asked
+        [P("red", "circle", 8, 8, 8), P("blue", "square", 8, 24, 24)],    # one object of another colour
+        [P("red", "circle", 8, 8, 8), P("red", "square", 8, 24, 8), P("green", "triangle", 8, 16, 24)],
+        [P("red", "circle", 8, 8, 8), P("red", "circle", 8, 24, 24)],     # "two red circles": no clutter
+    ]
+    images = scenes.rasterise(layouts)
+    prompts = ["a red circle", "a red circle", "a red circle", "two red circles"]
+    detections = scenes.check(images, prompts).detections
+    extras = [scenes.unrequested_objects(scenes.parse_prompt(p), d) for p, d in zip(prompts, detections)]
+    assert extras == [0, 1, 2, 0]
+    plain = scenes.ToyGenEvalReward(soft_shapes=True)
+    penalised = scenes.ToyGenEvalReward(soft_shapes=True, clutter_penalty=0.25)
+    expected = plain(images, prompts) - 0.25 * torch.tensor(extras, dtype=torch.float32)
+    torch.testing.assert_close(penalised(images, prompts), expected)
+    assert torch.equal(plain.accuracy(images, prompts), penalised.accuracy(images, prompts))  # accuracy ignores it
+    with pytest.raises(ValueError, match="clutter_penalty"):
+        scenes.ToyGenEvalReward(clutter_penalty=-1)
+
+
 def test_blank_and_noise_images_fail():
     prompts = scenes.all_prompts()
     black = scenes.check(torch.zeros(len(prompts), 3, 32, 32), prompts)

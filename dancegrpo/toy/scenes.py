@@ -620,6 +620,23 @@ def soft_requirements(spec: SceneSpec, detections: list[Detection]) -> list[floa
     return [1.0 if h else m for h, m in zip(hard, met)]
 
 
+def unrequested_objects(spec: SceneSpec, detections: list[Detection]) -> int:
+    """How many detections exceed what the prompt asks for, colour by colour.
+
+    A prompt asking for two red objects allows two red detections; a third red one, or any
+    detection of a colour it does not name, is clutter. GenEval's accuracy ignores clutter
+    (except through counts), so a policy can learn to scatter extra blobs to raise its odds
+    of drawing the asked-for one; this count lets a training reward refuse that trade.
+    """
+    asked: dict[str, int] = {}
+    for colour, _ in spec.objects:
+        asked[colour] = asked.get(colour, 0) + spec.count
+    seen: dict[str, int] = {}
+    for d in detections:
+        seen[d.colour] = seen.get(d.colour, 0) + 1
+    return sum(max(0, n - asked.get(colour, 0)) for colour, n in seen.items())
+
+
 def check(images: Tensor, prompts: list[str]) -> CheckResult:
     """Score a (B, 3, H, W) batch in [0, 1] against one prompt per image (GenEval-style).
 
@@ -657,21 +674,33 @@ class ToyGenEvalReward:
 
     With `soft_shapes=True` the reward gives graded credit for shape likeness (see
     `soft_requirements`): a denser learning signal for RL on a generator that draws blobs.
+    With `clutter_penalty=c > 0`, each detection beyond what the prompt asks for (see
+    `unrequested_objects`) subtracts c, so the reward can go below 0.
     `accuracy` is always the strict GenEval-style check.
     """
 
     name = "toy_geneval"
 
-    def __init__(self, soft_shapes: bool = False):
+    def __init__(self, soft_shapes: bool = False, clutter_penalty: float = 0.0):
+        if not clutter_penalty >= 0:
+            raise ValueError(f"clutter_penalty = {clutter_penalty!r} must be >= 0 (0 turns it off)")
         self.soft_shapes = soft_shapes
+        self.clutter_penalty = float(clutter_penalty)
 
     def __call__(self, images: Tensor, prompts: list[str]) -> Tensor:
         """(B, 3, H, W) images (clamped to [0, 1]) and B prompts -> (B,) float32 on the images' device."""
         result = check(images, prompts)
-        if not self.soft_shapes:
-            return result.score.to(images.device)
-        soft = [soft_requirements(parse_prompt(p), dets) for p, dets in zip(prompts, result.detections)]
-        return torch.tensor([sum(m) / len(m) for m in soft], dtype=torch.float32, device=images.device)
+        specs = [parse_prompt(p) for p in prompts]
+        if self.soft_shapes:
+            soft = [soft_requirements(spec, dets) for spec, dets in zip(specs, result.detections)]
+            score = torch.tensor([sum(m) / len(m) for m in soft], dtype=torch.float32)
+        else:
+            score = result.score
+        if self.clutter_penalty:
+            extras = torch.tensor([unrequested_objects(spec, dets) for spec, dets in zip(specs, result.detections)],
+                                  dtype=torch.float32)
+            score = score - self.clutter_penalty * extras
+        return score.to(images.device)
 
     def accuracy(self, images: Tensor, prompts: list[str]) -> Tensor:
         """(B,) bool on the images' device: every requirement met (GenEval accuracy)."""

@@ -23,7 +23,8 @@ from dancegrpo.rollout import run_rollout, step_log_prob
 from dancegrpo.trainer import Trainer
 
 
-def half_gradient_cosines(trainer: Trainer, num_prompts: int, seed: int = 0) -> dict[int, float]:
+def half_gradient_cosines(trainer: Trainer, num_prompts: int, seed: int = 0) -> dict[int | str, float]:
+    """Cosine per stochastic step, and under "all" for the gradient summed over them."""
     g = trainer.cfg.grpo
     prompts = prompts_for_iteration(trainer.train_prompts, 0, num_prompts, seed)
     cond = repeat_cond(trainer.adapter.encode_prompts(prompts), g.group_size)
@@ -51,8 +52,14 @@ def half_gradient_cosines(trainer: Trainer, num_prompts: int, seed: int = 0) -> 
             (-(advantages[chunk] * logp).sum() / len(rows)).backward()
         return torch.cat([p.grad.flatten() for p in params])
 
-    return {step: F.cosine_similarity(gradient(halves[0], step), gradient(halves[1], step), dim=0).item()
-            for step in trainer.sampler.stochastic_steps}
+    cosines, totals = {}, [0.0, 0.0]
+    for step in trainer.sampler.stochastic_steps:
+        a, b = gradient(halves[0], step), gradient(halves[1], step)
+        cosines[step] = F.cosine_similarity(a, b, dim=0).item()
+        totals = [totals[0] + a, totals[1] + b]
+    # The update itself follows the sum over the trained steps: noisy steps dilute it.
+    cosines["all"] = F.cosine_similarity(totals[0], totals[1], dim=0).item()
+    return cosines
 
 
 def main(argv=None) -> None:
@@ -64,9 +71,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     trainer = Trainer(args.config, overrides=["data.eval_prompts=", "run.output_dir=runs/gradient_snr", *args.set])
     cosines = half_gradient_cosines(trainer, args.prompts, args.seed)
+    whole = cosines.pop("all")
     for step, cosine in cosines.items():
         print(f"step {step}: cos(half A, half B) = {cosine:+.3f}")
     print(f"mean over steps: {sum(cosines.values()) / len(cosines):+.3f}")
+    print(f"summed over steps (the update's direction): {whole:+.3f}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -628,13 +629,8 @@ def unrequested_objects(spec: SceneSpec, detections: list[Detection]) -> int:
     (except through counts), so a policy can learn to scatter extra blobs to raise its odds
     of drawing the asked-for one; this count lets a training reward refuse that trade.
     """
-    asked: dict[str, int] = {}
-    for colour, _ in spec.objects:
-        asked[colour] = asked.get(colour, 0) + spec.count
-    seen: dict[str, int] = {}
-    for d in detections:
-        seen[d.colour] = seen.get(d.colour, 0) + 1
-    return sum(max(0, n - asked.get(colour, 0)) for colour, n in seen.items())
+    asked = Counter(colour for colour, _ in spec.objects for _ in range(spec.count))
+    return sum((Counter(d.colour for d in detections) - asked).values())  # Counter "-" keeps the excess only
 
 
 def check(images: Tensor, prompts: list[str]) -> CheckResult:

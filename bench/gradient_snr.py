@@ -28,11 +28,8 @@ def half_gradient_cosines(trainer: Trainer, num_prompts: int, seed: int = 0) -> 
     g = trainer.cfg.grpo
     prompts = prompts_for_iteration(trainer.train_prompts, 0, num_prompts, seed)
     cond = repeat_cond(trainer.adapter.encode_prompts(prompts), g.group_size)
-    shape, noise_gen = trainer.adapter.latent_shape(), torch.Generator().manual_seed(seed)
-    if g.shared_group_noise:  # as the trainer draws it
-        init = grpo.shared_group_noise(len(prompts), g.group_size, shape, generator=noise_gen, device=trainer.device)
-    else:
-        init = torch.randn((len(prompts) * g.group_size, *shape), generator=noise_gen).to(trainer.device)
+    init = grpo.initial_noise(len(prompts), g.group_size, trainer.adapter.latent_shape(), g.shared_group_noise,
+                              generator=torch.Generator().manual_seed(seed), device=trainer.device)
     with torch.no_grad():
         rollout = run_rollout(trainer.adapter, trainer.sampler, cond, init, trainer.cfg.trainer.micro_batch_size,
                               generator=torch.Generator(device=trainer.device).manual_seed(seed + 1))

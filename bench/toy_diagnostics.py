@@ -55,8 +55,7 @@ def group_spread(trainer: Trainer, group_size: int = 8, seed: int = 0) -> dict[s
     result = {}
     for shared in (True, False):
         gen = torch.Generator().manual_seed(seed)
-        init = (grpo.shared_group_noise(len(prompts), group_size, shape, generator=gen) if shared
-                else torch.randn((len(rows), *shape), generator=gen))
+        init = grpo.initial_noise(len(prompts), group_size, shape, shared, generator=gen)
         with torch.no_grad():
             rollout = run_rollout(trainer.adapter, trainer.sampler, cond, init.to(trainer.device),
                                   trainer.cfg.trainer.micro_batch_size, generator=gen)

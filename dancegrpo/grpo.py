@@ -24,6 +24,7 @@ __all__ = [
     "group_advantages",
     "kl_penalty",
     "shared_group_noise",
+    "initial_noise",
     "subsample_timesteps",
 ]
 
@@ -386,6 +387,23 @@ def shared_group_noise(
     noise = noise.to(device=device if device is not None else noise.device, dtype=dtype)
     expanded = noise.unsqueeze(1).expand(num_groups, group_size, *shape)
     return expanded.reshape(num_groups * group_size, *shape)
+
+
+def initial_noise(
+    num_groups: int,
+    group_size: int,
+    shape: tuple[int, ...] | torch.Size,
+    shared: bool = True,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """The initial latents of a rollout batch, group-major: `shared_group_noise` when
+    `shared`, else independent standard normal noise per sample (float32)."""
+    if shared:
+        return shared_group_noise(num_groups, group_size, shape, generator=generator, device=device)
+    noise = torch.randn((num_groups * group_size, *tuple(shape)), generator=generator,
+                        device=_generated_on(generator, device), dtype=torch.float32)
+    return noise.to(device) if device is not None else noise
 
 
 def best_of_n_indices(rewards: Tensor, group_size: int, keep: int) -> Tensor:

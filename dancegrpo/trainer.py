@@ -327,10 +327,8 @@ class Trainer:
         shape = self.adapter.latent_shape()
         # Initial noise is drawn for the iteration's whole batch on every rank (cheap) and each
         # rank keeps its rows: a group's shared noise does not depend on the number of ranks.
-        if g.shared_group_noise:
-            init = grpo.shared_group_noise(len(prompts), g.group_size, shape, generator=rollout_gen, device=self.device)
-        else:
-            init = torch.randn((len(prompts) * g.group_size, *shape), generator=rollout_gen, device=self.device)
+        init = grpo.initial_noise(len(prompts), g.group_size, shape, g.shared_group_noise,
+                                  generator=rollout_gen, device=self.device)
         if dp.size > 1:
             init = init[dp.local_rows(len(prompts), g.group_size, self.device)]
             rollout_gen = self._generator("rollout", it, "dp_rank", dp.rank)  # distinct SDE noise per rank

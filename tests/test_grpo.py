@@ -19,6 +19,7 @@ from dancegrpo.grpo import (
     clip_advantages,
     clipped_ratio_loss,
     group_advantages,
+    initial_noise,
     kl_penalty,
     shared_group_noise,
     subsample_timesteps,
@@ -427,6 +428,16 @@ def test_shared_group_noise_reproducible_and_dtype():
     b = shared_group_noise(2, 3, (4,), generator=gen, dtype=torch.bfloat16)
     assert b.dtype == torch.bfloat16
     torch.testing.assert_close(b, a.bfloat16())
+
+
+def test_initial_noise_shared_or_independent():
+    shared = initial_noise(2, 3, (4,), shared=True, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(shared, shared_group_noise(2, 3, (4,), generator=torch.Generator().manual_seed(5)),
+                               rtol=0, atol=0)
+    independent = initial_noise(2, 3, (4,), shared=False, generator=torch.Generator().manual_seed(5))
+    torch.testing.assert_close(independent, torch.randn((6, 4), generator=torch.Generator().manual_seed(5)),
+                               rtol=0, atol=0)
+    assert not torch.equal(independent[0], independent[1])  # group members differ
 
 
 # ---------------------------------------------------------------- best_of_n_indices

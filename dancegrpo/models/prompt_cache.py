@@ -20,6 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from ..messages import some_of
+
 INDEX_FILE = "index.json"
 PROMPTS_FILE = "prompts.txt"
 FORMAT_VERSION = 1
@@ -128,7 +130,7 @@ class PromptCache:
         """Batch-first tensors for these prompts (CPU, stored dtype), in the given order."""
         absent = [p for p in prompts if p not in self.entries]
         if absent:
-            shown = ", ".join(repr(p) for p in absent[:5]) + (f" and {len(absent) - 5} more" if len(absent) > 5 else "")
+            shown = some_of(absent)
             raise PromptCacheError(
                 f"prompt(s) {shown} not in the prompt cache {str(self.directory)!r} ({len(self.entries)} prompts); "
                 "add them to the prompt file and rerun `dancegrpo preprocess`")

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from ..messages import short_repr
 from .base import Conditioning
 from .checkpoint_layout import Component
 from .hunyuan_video import HunyuanPromptEncoder, HunyuanVideoGenerator, HunyuanVideoOptions
@@ -123,13 +124,13 @@ class SkyReelsPromptEncoder(HunyuanPromptEncoder):
         for prompt, entry in zip(prompts, extras or [{}] * len(prompts)):
             if "image" not in entry:
                 if prompt:
-                    raise ValueError(f"skyreels_i2v preprocess: prompt {prompt!r} has no \"image\"; use a JSONL "
+                    raise ValueError(f"skyreels_i2v preprocess: prompt {short_repr(prompt)} has no \"image\"; use a JSONL "
                                      "file with {\"prompt\": ..., \"image\": path} lines")
                 latents.append(torch.zeros(shape))
                 continue
             path = Path(entry["image"])
             if not path.is_file():
-                raise FileNotFoundError(f"skyreels_i2v preprocess: image {str(path)!r} of prompt {prompt!r} not found")
+                raise FileNotFoundError(f"skyreels_i2v preprocess: image {str(path)!r} of prompt {short_repr(prompt)} not found")
             pixels = self.processor.preprocess(Image.open(path).convert("RGB"), height=self.height, width=self.width)
             posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype).unsqueeze(2)).latent_dist
             latents.append((posterior.mode() * self.vae.config.scaling_factor)[0].float().cpu())

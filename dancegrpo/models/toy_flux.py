@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..messages import short_repr, some_of
 from .base import Conditioning
 
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "toy_flux"
@@ -74,14 +75,17 @@ class ToyTextEncoder(nn.Module):
         ids = torch.zeros(len(prompts), self.max_length, dtype=torch.long)
         for row, prompt in enumerate(prompts):
             words = prompt.lower().replace(",", " ").split()
-            unknown = [w for w in words if w not in self.word_to_id]
+            unknown = list(dict.fromkeys(w for w in words if w not in self.word_to_id))
             if unknown:
+                vocab = self.config["vocab"][1:]
                 raise ValueError(
-                    f"the embedded toy model does not know the word(s) {unknown} in prompt {prompt!r}; "
-                    f"it knows only: {' '.join(self.config['vocab'][1:])}"
+                    f"the embedded toy model does not know {len(unknown)} word(s) of the prompt "
+                    f"{short_repr(prompt)}: {some_of(unknown)}; its vocabulary is the toy scene grammar's "
+                    f"{len(vocab)} words: {some_of(vocab, 40, quote=False)}"
                 )
             if len(words) > self.max_length:
-                raise ValueError(f"prompt {prompt!r} has {len(words)} words; the toy model takes at most {self.max_length}")
+                raise ValueError(f"the prompt {short_repr(prompt)} has {len(words)} words; the toy model "
+                                 f"takes at most {self.max_length}")
             ids[row, : len(words)] = torch.tensor([self.word_to_id[w] for w in words])
         return ids, ids != 0
 

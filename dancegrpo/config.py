@@ -20,22 +20,33 @@ from typing import Any, Sequence, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .messages import short_repr
+
 __all__ = [
     "ConfigError", "RunConfig", "ModelConfig", "SamplerConfig", "DataConfig", "RewardConfig",
     "GRPOConfig", "TrainerConfig", "FSDPConfig", "ParallelConfig", "Config", "from_dict", "load_config", "config_to_dict",
-    "save_config",
+    "save_config", "stochastic_step_count", "trained_step_count", "trainable_pairs",
 ]
 
 
 class ConfigError(ValueError):
-    """A configuration was refused; `problems` lists every problem found."""
+    """A configuration was refused; `problems` lists every problem found.
+
+    The message lists at most `SHOWN_PROBLEMS` of them (and how many more there are), so a file
+    with thousands of bad keys still gives a readable error; `problems` keeps them all.
+    """
+
+    SHOWN_PROBLEMS = 20
 
     def __init__(self, problems: Sequence[str], header: str = "invalid configuration"):
         self.problems = list(problems)
         if len(self.problems) == 1:
             message = f"{header}: {self.problems[0]}"
         else:
-            lines = "\n".join(f"  - {p}" for p in self.problems)
+            shown = self.problems[: self.SHOWN_PROBLEMS]
+            lines = "\n".join(f"  - {p}" for p in shown)
+            if len(self.problems) > len(shown):
+                lines += f"\n  ... and {len(self.problems) - len(shown)} more problems"
             message = f"{header} ({len(self.problems)} problems):\n{lines}"
         super().__init__(message)
 
@@ -44,12 +55,12 @@ class ConfigError(ValueError):
 # Validation helpers: each returns a problem (relative to its dataclass) or None.
 
 def _rule(name: str, value: Any, ok: bool, allowed: str) -> str | None:
-    return None if ok else f"{name} = {value!r} is out of range: must be {allowed}"
+    return None if ok else f"{name} = {short_repr(value)} is out of range: must be {allowed}"
 
 
 def _one_of(name: str, value: Any, choices: Sequence[str]) -> str | None:
     ok = value in choices
-    return None if ok else f"{name} = {value!r} is not allowed: must be one of {', '.join(choices)}"
+    return None if ok else f"{name} = {short_repr(value)} is not allowed: must be one of {', '.join(choices)}"
 
 
 def _problems(*found: str | None) -> list[str]:
@@ -70,6 +81,8 @@ class RunConfig:
     def validate(self) -> list[str]:
         device_ok = re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None
         return _problems(
+            _rule("output_dir", self.output_dir, bool(self.output_dir.strip()),
+                  "a folder path (the run writes its checkpoints and logs there)"),
             _rule("device", self.device, device_ok, "'cpu', 'cuda' or 'cuda:N' (N a GPU index)"),
             _one_of("autocast_dtype", self.autocast_dtype, ("none", "bf16", "fp16")),
             _rule("num_threads", self.num_threads,
@@ -284,17 +297,18 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> list[str]:
-        """Cross-section checks (each section validates itself)."""
+        """Cross-section checks (each section validates itself).
+
+        An empty `rewards` list is allowed here: the Python API can bring its rewards as
+        callables (`Trainer(..., rewards={name: fn})`); the Trainer refuses a run with none.
+        """
         problems = []
-        if not self.rewards:
-            problems.append("rewards = [] is empty: must list at least one reward, "
-                            "e.g. rewards: [{name: <reward name>}]")
         first_index: dict[str, int] = {}
         for i, reward in enumerate(self.rewards):
             if not isinstance(reward.name, str):  # failed to load; already reported
                 continue
             if reward.name in first_index:
-                problems.append(f"rewards.{i}.name = {reward.name!r} duplicates "
+                problems.append(f"rewards.{i}.name = {short_repr(reward.name)} duplicates "
                                 f"rewards.{first_index[reward.name]}.name: reward names must be "
                                 "unique because they become metric names")
             first_index.setdefault(reward.name, i)
@@ -303,7 +317,73 @@ class Config:
             problems.append(f"grpo.best_of_n_keep = {k} is out of range: must satisfy "
                             f"2 * best_of_n_keep <= grpo.group_size = {n} (top-k and bottom-k "
                             "are kept per group)")
-        return problems
+        return problems + self._nothing_to_train() + self._schedule_problems()
+
+    def _nothing_to_train(self) -> list[str]:
+        """A sampler and GRPO settings that leave no step, or too few (micro-batch, step) pairs,
+        to train on: refused here rather than after a rollout."""
+        s, g, t = self.sampler, self.grpo, self.trainer
+        if s.sde_window is not None and not (len(s.sde_window) == 2
+                                             and 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps):
+            return []  # reported by sampler.sde_window itself
+        if s.num_steps < 1 or not 0 < g.tau <= 1 or s.eta < 0:
+            return []  # reported by their own sections
+        if s.eta == 0:
+            return [f"sampler.eta = {s.eta} makes every sampler step deterministic (an ODE step has no "
+                    "log-probability): there is no step to train on; set sampler.eta > 0 (the paper uses 0.3)"]
+        stochastic = stochastic_step_count(s)
+        trained = trained_step_count(stochastic, g.tau)
+        where = (f"sampler.sde_window = {s.sde_window}" if s.sde_window is not None
+                 else f"sampler.num_steps = {s.num_steps}")
+        if trained < 1:
+            return [f"grpo.tau = {g.tau} selects no step: ceil(tau * {stochastic}) = 0 of the {stochastic} "
+                    f"stochastic steps ({where}); use grpo.tau >= {1 / stochastic:.3g}"]
+        pairs = trainable_pairs(self)
+        if pairs is not None and t.updates_per_iteration > pairs:
+            return [f"trainer.updates_per_iteration = {t.updates_per_iteration} is more than the {pairs} "
+                    f"(micro-batch, step) pairs an iteration trains on ({pairs // trained} micro-batches of "
+                    f"trainer.micro_batch_size = {t.micro_batch_size} samples x {trained} trained steps: grpo.tau "
+                    f"= {g.tau} of {stochastic} stochastic steps); lower it to at most {pairs}"]
+        return []
+
+    def _schedule_problems(self) -> list[str]:
+        t = self.trainer
+        if t.warmup_iterations > t.iterations >= 1:
+            return [f"trainer.warmup_iterations = {t.warmup_iterations} is more than trainer.iterations = "
+                    f"{t.iterations}: the learning rate would never reach trainer.lr; lower the warmup"]
+        return []
+
+
+def stochastic_step_count(sampler: SamplerConfig) -> int:
+    """Sampler steps that inject noise (and have a log-prob): the SDE window's, or all of them."""
+    if sampler.eta == 0:
+        return 0
+    start, end = sampler.sde_window if sampler.sde_window is not None else (0, sampler.num_steps)
+    return end - start
+
+
+def trained_step_count(stochastic_steps: int, tau: float) -> int:
+    """Steps trained per rollout chunk: ceil(tau * K) of the K stochastic steps, as
+    `grpo.subsample_timesteps` picks them (the same float slack, so 0.6 * 10 is 6, not 7)."""
+    return math.ceil(tau * stochastic_steps - 1e-9) if stochastic_steps else 0
+
+
+def trainable_pairs(cfg: "Config", dp_size: int = 1) -> int | None:
+    """(micro-batch, step) pairs one data-parallel rank trains on per iteration, which its
+    `trainer.updates_per_iteration` optimizer steps split between them; None if the sizes are
+    invalid (reported elsewhere).
+
+    Samples per rank: prompts_per_iteration * group_size / dp_size (2 * best_of_n_keep kept per
+    group when set), cut into rollout chunks of micro_batch_size; each chunk trains
+    `trained_step_count` steps.
+    """
+    g, t = cfg.grpo, cfg.trainer
+    group = 2 * g.best_of_n_keep if g.best_of_n_keep else g.group_size
+    if min(g.prompts_per_iteration, group, t.micro_batch_size, dp_size) < 1:
+        return None
+    samples = g.prompts_per_iteration * group // dp_size
+    chunks = -(-samples // t.micro_batch_size)
+    return chunks * trained_step_count(stochastic_step_count(cfg.sampler), g.tau)
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,7 +429,7 @@ def _describe(tp: Any) -> str:
 def _convert(tp: Any, value: Any, path: str, errors: list[str], failed: set[str]) -> Any:
     """Return `value` as type `tp`, or `_FAILED` after recording the problem."""
     def fail(why: str = "") -> Any:
-        errors.append(f"{path} = {value!r} has the wrong type: expected {_describe(tp)}"
+        errors.append(f"{path} = {short_repr(value)} has the wrong type: expected {_describe(tp)}"
                       f"{why}, got {type(value).__name__}")
         failed.add(path)
         return _FAILED
@@ -399,7 +479,8 @@ def _unknown_key(path: str, key: Any, valid: Sequence[str]) -> str:
     guess = difflib.get_close_matches(str(key), valid, n=1)
     hint = f" (did you mean {guess[0]!r}?)" if guess else ""
     section = f"of {path}" if path else "at the top level"
-    return (f"{_join(path, str(key))} is not a known key{hint}; "
+    name = str(key) if len(str(key)) <= 80 else short_repr(str(key))
+    return (f"{_join(path, name)} is not a known key{hint}; "
             f"valid keys {section}: {', '.join(valid)}")
 
 
@@ -451,7 +532,7 @@ def from_dict(cls: type, data: dict, path: str = "") -> Any:
     errors: list[str] = []
     failed: set[str] = set()
     if not isinstance(data, dict):
-        raise ConfigError([f"{path or 'configuration'} = {data!r} has the wrong type: expected "
+        raise ConfigError([f"{path or 'configuration'} = {short_repr(data)} has the wrong type: expected "
                            f"a mapping, got {type(data).__name__}"])
     obj = _build(cls, data, path, errors, failed)
 
@@ -475,12 +556,12 @@ def _apply_override(data: dict, item: str) -> str | None:
     key, sep, raw = item.partition("=")
     key = key.strip()
     if not sep or not key:
-        return (f"override {item!r} is malformed: write it as section.field=value, "
+        return (f"override {short_repr(item)} is malformed: write it as section.field=value, "
                 "e.g. trainer.lr=3e-5")
     try:
         value = yaml.safe_load(raw)
     except yaml.YAMLError as exc:
-        return f"override {item!r}: the value is not valid YAML ({exc})"
+        return f"override {short_repr(item)}: the value is not valid YAML ({exc})"
     parts = key.split(".")
     tp, node = Config, data
     for depth, part in enumerate(parts):
@@ -490,18 +571,18 @@ def _apply_override(data: dict, item: str) -> str | None:
         if dataclasses.is_dataclass(tp) and isinstance(node, dict):
             if part not in _hints(tp):
                 valid = [f.name for f in dataclasses.fields(tp)]
-                return f"override {item!r}: {_unknown_key(where, part, valid)}"
+                return f"override {short_repr(item)}: {_unknown_key(where, part, valid)}"
             child_tp = _hints(tp)[part]
         elif isinstance(node, list) and (get_origin(tp) is list or tp is Any):
             if not part.isdigit() or int(part) >= len(node):
                 count = f"{len(node)} entr{'y' if len(node) == 1 else 'ies'}"
-                return (f"override {item!r}: {_join(where, part)} is not a valid index: "
+                return (f"override {short_repr(item)}: {_join(where, part)} is not a valid index: "
                         f"{where} has {count}")
             index, child_tp = int(part), (Any if tp is Any else get_args(tp)[0])
         elif isinstance(node, dict) and (get_origin(tp) is dict or tp is Any):
             child_tp = Any
         else:
-            return (f"override {item!r}: {where} is {_describe(tp)}, "
+            return (f"override {short_repr(item)}: {where} is {_describe(tp)}, "
                     f"not a section with a field {part!r}")
         if depth == len(parts) - 1:
             node[index] = value

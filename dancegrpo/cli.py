@@ -1,7 +1,7 @@
 """`dancegrpo` command line: a thin layer over the Python API.
 
-    dancegrpo train --config configs/quickstart.yaml [--set trainer.lr=3e-5 ...] [--resume]
-    torchrun --nproc_per_node 8 -m dancegrpo.cli train --config ... --resume   (see docs/distributed.md)
+    dancegrpo train --config configs/quickstart.yaml [--set trainer.lr=3e-5 ...] [--resume | --overwrite]
+    torchrun --nproc_per_node 8 -m dancegrpo.cli train --config ... --resume-or-start   (see docs/distributed.md)
     dancegrpo sample --config configs/quickstart.yaml --checkpoint runs/quickstart --prompt "a red circle"
     dancegrpo eval --config configs/quickstart.yaml --checkpoint runs/quickstart [--prompts toy:eval] [--seeds 4]
     dancegrpo preprocess --model flux --path data/flux --prompts prompts.txt --out data/flux_cache
@@ -17,16 +17,46 @@ from pathlib import Path
 from .config import ConfigError
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (0 or a negative number is refused, never replaced)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is out of range: must be >= 1")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    import math
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is out of range: must be a finite number > 0")
+    return value
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path is not allowed")
+    return text
+
+
 def _train(args) -> int:
     from .trainer import Trainer
     overrides = list(args.set or [])
-    if args.output_dir:
+    if args.output_dir is not None:
         overrides.append(f"run.output_dir={args.output_dir}")
-    if args.iterations:
+    if args.iterations is not None:
         overrides.append(f"trainer.iterations={args.iterations}")
     trainer = Trainer(args.config, overrides=overrides)
+    resume = "auto" if args.resume_or_start else args.resume
     try:
-        trainer.train(resume=args.resume, progress=not args.no_progress)
+        trainer.train(resume=resume, progress=not args.no_progress, overwrite=args.overwrite)
     finally:
         _leave_process_group()
     if trainer.is_main:
@@ -52,7 +82,8 @@ def _sample(args) -> int:
     images = trainer.evaluate(prompts=args.prompt, return_images=True)["images"]
     for i, (prompt, sample) in enumerate(zip(args.prompt, images)):
         stem = out / f"{i:03d}_{prompt.replace(' ', '_').replace('/', '_')[:60]}"
-        upscale = args.upscale or (8 if max(sample.shape[-2:]) <= 64 else 1)  # tiny toy images get enlarged
+        # tiny toy images get enlarged unless --upscale says otherwise
+        upscale = args.upscale if args.upscale is not None else (8 if max(sample.shape[-2:]) <= 64 else 1)
         if sample.dim() == 3:
             _to_pil(sample, upscale).save(f"{stem}.png")
             print(f"{stem}.png")
@@ -87,7 +118,9 @@ def _to_pil(image, upscale: int):
 def _preprocess(args) -> int:
     import yaml
 
+    from .devices import require_device
     from .preprocess import preprocess
+    require_device(args.device, field="--device")
     options = {}
     for item in args.option or []:
         key, sep, value = item.partition("=")
@@ -108,9 +141,20 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="fine-tune a generator with DanceGRPO")
     train.add_argument("--config", default="configs/quickstart.yaml", help="YAML recipe")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key, e.g. trainer.lr=3e-5")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run folder")
-    train.add_argument("--output-dir", help="run folder (same as --set run.output_dir=...)")
-    train.add_argument("--iterations", type=int, help="same as --set trainer.iterations=...")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--resume", action="store_true",
+                       help="continue the run in the run folder from its newest valid checkpoint; an error if there "
+                            "is none (no folder, no checkpoints, or all invalid)")
+    start.add_argument("--resume-or-start", action="store_true",
+                       help="continue from the newest valid checkpoint if there is one, else start a new run (for "
+                            "torchrun --max-restarts and job schedulers); still refuses to start over on top of "
+                            "checkpoints that are all invalid or on another run's files")
+    start.add_argument("--overwrite", action="store_true",
+                       help="start a new run even if the run folder holds one, deleting its checkpoints, metrics, "
+                            "TensorBoard events, final model and reports first. Without --resume, --resume-or-start "
+                            "or --overwrite, a run folder that already holds a run is refused")
+    train.add_argument("--output-dir", type=_non_empty, help="run folder (same as --set run.output_dir=...)")
+    train.add_argument("--iterations", type=_positive_int, help="same as --set trainer.iterations=...")
     train.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     train.set_defaults(func=_train)
 
@@ -120,9 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--checkpoint", help="a run folder or checkpoint directory; default: the base model")
     sample.add_argument("--prompt", action="append", required=True)
     sample.add_argument("--out", default="samples")
-    sample.add_argument("--upscale", type=int, default=None,
-                        help="nearest-neighbour upscale (default: 8 for images up to 64 px, else 1)")
-    sample.add_argument("--fps", type=float, default=8.0, help="frame rate of videos")
+    sample.add_argument("--upscale", type=_positive_int, default=None,
+                        help="nearest-neighbour upscale factor >= 1 (default: 8 for images up to 64 px, else 1)")
+    sample.add_argument("--fps", type=_positive_float, default=8.0, help="frame rate of videos (> 0)")
     sample.set_defaults(func=_sample)
 
     ev = sub.add_parser("eval", help="held-out metrics (ODE sampler) of the base and checkpoints side by side: "
@@ -135,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--include-base", dest="include_base", action="store_true", default=True,
                     help="evaluate the base model too (default)")
     ev.add_argument("--no-base", dest="include_base", action="store_false", help="only the checkpoints")
-    ev.add_argument("--seeds", type=int, default=1, help="noise draws per prompt (default 1)")
+    ev.add_argument("--seeds", type=_positive_int, default=1, help="noise draws per prompt (>= 1, default 1)")
     ev.add_argument("--out", default="eval_results", help="folder for eval.csv, eval.json, eval.png")
     ev.set_defaults(func=_eval)
 
@@ -144,8 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--path", required=True, help="the model's diffusers checkpoint directory")
     pre.add_argument("--prompts", required=True, help="text file (one prompt a line) or JSONL (prompt, image)")
     pre.add_argument("--out", required=True, help="cache folder to write")
-    pre.add_argument("--batch-size", type=int, default=8, help="prompts per text-encoder call")
-    pre.add_argument("--shard-size", type=int, default=256, help="prompts per safetensors shard")
+    pre.add_argument("--batch-size", type=_positive_int, default=8, help="prompts per text-encoder call")
+    pre.add_argument("--shard-size", type=_positive_int, default=256, help="prompts per safetensors shard")
     pre.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="stored dtype (default per model)")
     pre.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     pre.add_argument("--option", action="append", metavar="KEY=VALUE",

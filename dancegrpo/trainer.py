@@ -18,6 +18,7 @@ import hashlib
 import logging
 import math
 import os
+import random
 import re
 import signal
 import time
@@ -26,13 +27,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
 from . import grpo, ops
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from .config import Config, load_config, save_config
+from .config import Config, ConfigError, config_to_dict, load_config, save_config, trainable_pairs
+from .devices import require_device
 from .distributed.data_parallel import DataParallel, agree_any, all_reduce_sum, broadcast_parameters, sum_gradients
 from .eval.report import save_eval_images, write_report
 from .data import load_prompts, prompts_for_iteration
@@ -43,6 +46,7 @@ from .profiling import nvtx_range
 from .rewards import RewardEntry, RewardFn, RewardScores, RewardSet, build_reward
 from .rewards.async_scorer import AsyncScorer
 from .rollout import Rollout, chunk_indices, ode_sample, run_rollout, step_log_prob
+from .run_folder import RunFolderError, prepare_run_folder
 from .sampler import build_sampler
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,15 @@ def derive_seed(seed: int, *keys) -> int:
     """A 63-bit seed from the run seed and labels; independent streams per purpose."""
     digest = hashlib.blake2b(repr((seed, *keys)).encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def seed_global_rngs(seed: int) -> None:
+    """Seed every global RNG a run does not own: torch (CPU and every CUDA device), Python's
+    `random` and NumPy's legacy global state. They are what peft's LoRA initialisation, dropout
+    and user rewards (`torch.rand`, `random.random`, `np.random`) draw from."""
+    torch.manual_seed(seed)  # also seeds every CUDA device
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
 
 
 @dataclass
@@ -186,23 +199,68 @@ def _eval_noise_keys(prompts: list[str]) -> list[tuple]:
     return keys
 
 
+def _check_api_rewards(cfg: Config, rewards: dict[str, RewardFn] | None) -> None:
+    """Refuse a run with no reward at all, and reward arguments that are not name -> callable."""
+    problems = []
+    if rewards is not None and not isinstance(rewards, dict):
+        raise TypeError(f"rewards must be a dict of name -> callable(images, prompts), got {type(rewards).__name__}")
+    for name, fn in (rewards or {}).items():
+        if not isinstance(name, str) or not name.strip():
+            problems.append(f"rewards argument: the name {name!r} must be a non-empty string (it names the metric)")
+        elif not callable(fn):
+            problems.append(f"rewards argument {name!r}: {type(fn).__name__} is not callable; give a function "
+                            "(images, prompts) -> (N,) scores")
+    if not cfg.rewards and not rewards:
+        problems.append("no reward: the config's rewards list is empty and no rewards were passed to Trainer; list "
+                        "one in the config (rewards: [{name: <reward name>}]) or pass rewards={name: fn}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _first_eval_prompts(cfg: Config) -> list[str]:
+    """The held-out prompts, cut to data.eval_num_prompts; asking for more than there are is refused."""
+    prompts = load_prompts(cfg.data.eval_prompts)
+    wanted = cfg.data.eval_num_prompts
+    if wanted is not None and wanted > len(prompts):
+        raise ConfigError([f"data.eval_num_prompts = {wanted} is more than the {len(prompts)} prompts of "
+                           f"data.eval_prompts = {cfg.data.eval_prompts!r}: lower it, or null for all of them"])
+    return prompts[:wanted]
+
+
 class Trainer:
     """Build from a Config (or YAML path / dict), optionally with your own reward callables.
 
         trainer = Trainer("configs/quickstart.yaml", rewards={"mine": my_reward})
         trainer.train()
         trainer.metrics  # list of per-iteration dicts
+
+    `rewards` (name -> callable(images, prompts) -> (N,) scores) replace configured rewards of the
+    same name and add the others with weight 1; with them the config may list no reward at all
+    (`overrides=["rewards=[]"]`). A run with no reward is refused.
+
+    Reproducibility: the global RNGs (torch, CUDA, Python `random`, NumPy) are seeded from
+    `run.seed` (and the rank) here, before the model is loaded (peft's LoRA initialisation draws
+    from them), and again from (run.seed, iteration, rank) at the start of every iteration and
+    from (run.seed, rank) at every evaluation, so rewards or layers that draw from them repeat
+    exactly, also after a resume. This resets the caller's global RNG state.
     """
 
     def __init__(self, config: Config | str | dict, rewards: dict[str, RewardFn] | None = None,
                  adapter=None, overrides=()):
         self.cfg = cfg = load_config(config, overrides)
+        _check_api_rewards(cfg, rewards)
+        require_device(cfg.run.device)
         if cfg.run.num_threads:
             torch.set_num_threads(cfg.run.num_threads)
         self.device = torch.device(cfg.run.device)
         self.run_dir = Path(cfg.run.output_dir)
         self.dp, self.mesh = self._setup_parallel()
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
+        seed_global_rngs(self._global_seed())  # before the model: LoRA weights are drawn at load
+        # Prompts and rewards before the model: a bad file or reward name is reported before the long load.
+        self.train_prompts = load_prompts(cfg.data.train_prompts)
+        self.eval_prompts = _first_eval_prompts(cfg) if cfg.data.eval_prompts else []
+        self.rewards = self._build_rewards(rewards or {})
         self.adapter = adapter if adapter is not None else load_model(cfg.model.name, cfg.model.path, cfg.model.options)
         self.adapter.to(self.device)
         self.policy = self.adapter.trainable
@@ -217,9 +275,6 @@ class Trainer:
         sta = getattr(self.adapter, "sta", None)
         if sta is not None:  # sliding-tile attention picks its window by sampling step
             sta.set_schedule(self.sampler.model_time(torch.arange(self.sampler.num_steps, device=self.device)))
-        self.rewards = self._build_rewards(rewards or {})
-        self.train_prompts = load_prompts(cfg.data.train_prompts)
-        self.eval_prompts = load_prompts(cfg.data.eval_prompts)[: cfg.data.eval_num_prompts] if cfg.data.eval_prompts else []
         t = cfg.trainer
         # The frozen KL reference is copied before any wrapper or sharding: a plain module.
         self.reference = self._frozen_reference() if cfg.grpo.kl_coef > 0 else None
@@ -239,6 +294,10 @@ class Trainer:
         self._stop_requested = False
 
     # ------------------------------------------------------------------ setup
+    def _global_seed(self, *keys) -> int:
+        """The seed of the global RNGs for `keys` on this process (ranks draw different numbers)."""
+        return derive_seed(self.cfg.run.seed, "global_rngs", *keys, dist.get_rank() if dist.is_initialized() else 0)
+
     def _build_rewards(self, user: dict[str, RewardFn]) -> RewardSet:
         entries = []
         for rc in self.cfg.rewards:
@@ -269,6 +328,11 @@ class Trainer:
                           group=dp_mesh.get_group(), world=dist.get_world_size())
         g = self.cfg.grpo
         dp.check_sizes(g.prompts_per_iteration, g.group_size)
+        pairs, updates = trainable_pairs(self.cfg, dp.size), self.cfg.trainer.updates_per_iteration
+        if pairs is not None and updates > pairs:
+            raise ConfigError([f"trainer.updates_per_iteration = {updates} is more than the {pairs} (micro-batch, "
+                               f"step) pairs each of the {dp.size} data-parallel ranks trains on per iteration; "
+                               f"lower it to at most {pairs}, or use fewer ranks"])
         if dp.placement == "spread" and dp.size > 1 and g.best_of_n_keep:
             raise ValueError("grpo.best_of_n_keep needs whole groups on a rank: use parallel.group_placement "
                              "'rank' with it (or best_of_n_keep null)")
@@ -316,6 +380,7 @@ class Trainer:
         """Run one iteration (rollout, reward, updates) and return its metrics."""
         cfg, it = self.cfg, self.iteration
         g = cfg.grpo
+        seed_global_rngs(self._global_seed("iteration", it))  # whatever draws from them repeats on resume
         timings = {}
         start = time.perf_counter()
         dp = self.dp
@@ -569,6 +634,7 @@ class Trainer:
         prompts = self.eval_prompts if prompts is None else prompts
         if not prompts:
             return {}
+        seed_global_rngs(self._global_seed("eval"))  # a reward drawing from them scores the same at every call
         noise = torch.stack([
             torch.randn(self.adapter.latent_shape(), generator=self._generator("eval", *key), device=self.device)
             for key in _eval_noise_keys(prompts)])
@@ -658,19 +724,29 @@ class Trainer:
         return True
 
     # ------------------------------------------------------------------ the loop
-    def train(self, iterations: int | None = None, resume: bool = False, progress: bool = True) -> list[dict]:
-        """Run until `iterations` (default: the config's) are done; checkpoint and log as configured."""
+    def train(self, iterations: int | None = None, resume: bool | str = False, progress: bool = True,
+              overwrite: bool = False) -> list[dict]:
         """Run until `iterations` (default: the config's) are done; checkpoint and log as configured.
+
+        `resume`: False starts a new run (refused if run.output_dir already holds a run, unless
+        `overwrite=True`, which deletes that run's outputs); True continues from the newest valid
+        checkpoint (refused if there is none); "auto" continues if there is one and starts
+        otherwise (see dancegrpo.run_folder). Every refusal comes before any work or write.
 
         Under torchrun every rank runs this loop; rank 0 alone writes logs, images and reports.
         """
         cfg = self.cfg
-        total = iterations or cfg.trainer.iterations
+        if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, int)
+                                       or iterations < 1):
+            raise ValueError(f"iterations = {iterations!r} must be an integer >= 1 (or None for "
+                             f"trainer.iterations = {cfg.trainer.iterations})")
+        total = cfg.trainer.iterations if iterations is None else iterations
         main = self.is_main
+        checkpoint = self._prepare_run_folder(resume, overwrite)
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
-        resumed = self.resume() if resume else False
+        resumed = self.resume(checkpoint) if checkpoint is not None else False
         logger = MetricsLogger(self.run_dir, resume=resumed, console=False) if main else _SilentLogger()
         if resumed:
             logger.truncate_after(self.iteration)
@@ -715,6 +791,21 @@ class Trainer:
             self._restore_stop_handlers(handlers)
             logger.close()
         return self.metrics
+
+    def _prepare_run_folder(self, resume: bool | str, overwrite: bool) -> Path | None:
+        """The checkpoint to resume from, or None to start; see dancegrpo.run_folder. Under torchrun
+        every rank looks, the ranks agree (one refusing stops all) before rank 0 writes anything."""
+        try:
+            checkpoint = prepare_run_folder(self.run_dir, resume, overwrite, config=config_to_dict(self.cfg),
+                                            delete=self.is_main)
+            refusal = None
+        except RunFolderError as err:
+            checkpoint, refusal = None, err
+        if self.dp.enabled and agree_any(refusal is not None, self.device) and refusal is None:
+            raise RunFolderError(f"another rank refused the run folder {str(self.run_dir)!r} (see its error)")
+        if refusal is not None:
+            raise refusal
+        return checkpoint
 
     def _save_final_model(self) -> None:
         """`final_model/` in the model's own format (EMA weights if kept), written by rank 0.

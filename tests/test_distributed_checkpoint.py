@@ -44,7 +44,7 @@ def test_killed_rank_restarts_from_last_checkpoint_and_finishes(tiny_config, tmp
                PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--max-restarts", "1",
                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
-               "-m", "dancegrpo.cli", "train", "--config", str(config_path), "--resume", "--no-progress"]
+               "-m", "dancegrpo.cli", "train", "--config", str(config_path), "--resume-or-start", "--no-progress"]
     # Its own session, so that on a timeout the whole job (launcher and workers) is ended together.
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                            start_new_session=True)

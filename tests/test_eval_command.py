@@ -139,8 +139,11 @@ def test_bad_checkpoint_path_is_a_clear_error(trained, tmp_path, capsys, case):
 def test_nothing_to_evaluate_and_bad_seeds_are_refused(trained, tmp_path, capsys):
     assert main(["eval", "--config", str(trained["config_path"]), "--no-base", "--out", str(tmp_path)]) == 2
     assert "nothing to evaluate" in capsys.readouterr().err
-    assert main(["eval", "--config", str(trained["config_path"]), "--seeds", "0", "--out", str(tmp_path)]) == 2
-    assert "seeds = 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # refused by the argument parser, before the model loads
+        main(["eval", "--config", str(trained["config_path"]), "--seeds", "0", "--out", str(tmp_path)])
+    assert info.value.code == 2 and "argument --seeds: 0 is out of range" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="seeds = 0"):  # and by the Python API
+        run_eval(trained["cfg"], seeds=0, out_dir=tmp_path)
 
 
 def test_sample_loads_a_checkpoint_through_the_shared_loader(trained, tmp_path, capsys):

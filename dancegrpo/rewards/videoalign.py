@@ -360,6 +360,16 @@ class VideoAlignScorer:
                  prompt_template: str | None = None, fps: float | None = None, num_frames: int | None = None,
                  max_pixels: int | None = None, use_norm: bool = True, dtype: str = "bfloat16",
                  batch_size: int = 4, quantize: bool = True, checkpoint_step: int | None = None):
+        bad = [f"{name} = {value!r} must be {rule}" for name, value, ok, rule in (
+            ("video_fps", video_fps, video_fps is None or video_fps > 0, "> 0 (or null)"),
+            ("fps", fps, fps is None or fps > 0, "> 0 (or null for the release's)"),
+            ("num_frames", num_frames, num_frames is None or num_frames >= FRAME_FACTOR,
+             f">= {FRAME_FACTOR} (or null for the release's)"),
+            ("max_pixels", max_pixels, max_pixels is None or max_pixels > 0,
+             "> 0 (or null for the release's max_frame_pixels)"),
+            ("batch_size", batch_size, batch_size >= 1, ">= 1")) if not ok]
+        if bad:
+            raise ValueError("videoalign reward options: " + "; ".join(bad))
         from transformers import AutoTokenizer
         root = require_dir(path, "VideoAlign", f"the Hugging Face repo {VIDEOREWARD_REPO}",
                            must_hold=("model_config.json",))
@@ -382,7 +392,7 @@ class VideoAlignScorer:
         self.video_fps = video_fps
         self.fps = fps if fps is not None else (None if num_frames is not None else cfg.fps)
         self.num_frames = num_frames if num_frames is not None else (cfg.num_frames if fps is None else None)
-        self.max_pixels = max_pixels or cfg.max_frame_pixels
+        self.max_pixels = cfg.max_frame_pixels if max_pixels is None else max_pixels
         self.use_norm = use_norm
         self.quantize = quantize
         self.batch_size = batch_size

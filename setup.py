@@ -56,6 +56,7 @@ setup(
     version="0.1.0",
     description="DanceGRPO: GRPO fine-tuning of diffusion models and rectified flows",
     python_requires=">=3.10",
+    license="Apache-2.0",
     # kernels/ (Triton) lives at the top of the repository and installs as dancegrpo.kernels
     packages=find_packages(include=["dancegrpo", "dancegrpo.*"]) + ["dancegrpo.kernels"],
     package_dir={"dancegrpo.kernels": "kernels"},

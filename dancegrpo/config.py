@@ -76,7 +76,9 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"              # "cpu", "cuda", or "cuda:N"
     autocast_dtype: str = "none"     # none | bf16 | fp16
-    num_threads: int | None = None   # torch intra-op threads; None keeps torch's default
+    # torch intra-op threads: an integer (fixed), "auto" (follow the cores other processes leave
+    # free, re-read every iteration; CPU runs only: dancegrpo/cpu_threads.py), or null (torch's default)
+    num_threads: Any = None
 
     def validate(self) -> list[str]:
         device_ok = re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None
@@ -86,7 +88,9 @@ class RunConfig:
             _rule("device", self.device, device_ok, "'cpu', 'cuda' or 'cuda:N' (N a GPU index)"),
             _one_of("autocast_dtype", self.autocast_dtype, ("none", "bf16", "fp16")),
             _rule("num_threads", self.num_threads,
-                  self.num_threads is None or self.num_threads >= 1, ">= 1 (or null)"),
+                  self.num_threads is None or self.num_threads == "auto"
+                  or (type(self.num_threads) is int and self.num_threads >= 1),
+                  "an integer >= 1, 'auto' (follow the free cores), or null (torch's default)"),
         )
 
 

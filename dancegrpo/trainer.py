@@ -250,9 +250,14 @@ class Trainer:
         self.cfg = cfg = load_config(config, overrides)
         _check_api_rewards(cfg, rewards)
         require_device(cfg.run.device)
-        if cfg.run.num_threads:
-            torch.set_num_threads(cfg.run.num_threads)
         self.device = torch.device(cfg.run.device)
+        self._threads = None  # a ThreadGovernor with run.num_threads: auto on the CPU
+        if cfg.run.num_threads == "auto":
+            if self.device.type == "cpu":
+                from .cpu_threads import ThreadGovernor
+                self._threads = ThreadGovernor()
+        elif cfg.run.num_threads:
+            torch.set_num_threads(cfg.run.num_threads)
         self.run_dir = Path(cfg.run.output_dir)
         self.dp, self.mesh = self._setup_parallel()
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
@@ -382,6 +387,8 @@ class Trainer:
         g = cfg.grpo
         seed_global_rngs(self._global_seed("iteration", it))  # whatever draws from them repeats on resume
         timings = {}
+        if self._threads is not None:  # follow the cores other processes left free since the last iteration
+            timings["cpu/threads"] = self._threads.update()
         start = time.perf_counter()
         dp = self.dp
         prompts = prompts_for_iteration(self.train_prompts, it, g.prompts_per_iteration, cfg.run.seed)

@@ -83,7 +83,8 @@ class STAOptions:
         if self.kernel_efficiency is not None and not (
                 isinstance(self.kernel_efficiency, (int, float)) and 0 < self.kernel_efficiency <= 10):
             problems.append(f"sta.kernel_efficiency = {self.kernel_efficiency!r} must be a number in (0, 10]: the "
-                            "STA kernel's TFLOP/s on attended blocks over dense attention's (python -m bench.sta_bench)")
+                            "STA kernel's TFLOP/s on attended blocks over dense attention's "
+                            "(python -m bench.sta_bench)")
         if self.full_attention_steps < 0:
             problems.append(f"sta.full_attention_steps = {self.full_attention_steps} must be >= 0")
         if self.backend not in BACKENDS:

@@ -1,8 +1,9 @@
 """Sliding-tile attention (STA): the definition in plain torch.
 
-Video tokens on a (T, H, W) canvas are grouped into tiles (the STA paper's 6x8x8 = 384 tokens,
-or `tile="auto"`: per canvas, the tile of `auto_tile`) and reordered tile-major; a canvas that does not divide into tiles is padded, and padding is
-never attended. Per dimension, a query tile q attends key tile k when |k - c| <= w//2 with
+Video tokens on a (T, H, W) canvas are grouped into tiles (the STA paper's 6x8x8 = 384
+tokens, or `tile="auto"`: per canvas, the tile of `auto_tile`) and reordered tile-major; a
+canvas that does not divide into tiles is padded, and padding is never attended. Per
+dimension, a query tile q attends key tile k when |k - c| <= w//2 with
 c = clamp(q, w//2, n_tiles-1-w//2): the window shifts inward at borders, it never shrinks;
 a window >= the number of tiles is full attention in that dimension. Windows are given in
 tiles, one per head or one for all heads.

@@ -2,8 +2,9 @@
 
 Times forward and forward+backward at HunyuanVideo's latent token canvases (after 2x2
 patchify): 14x30x30 (480x480, 53 frames, the recipe) and 30x48x80 (720p, 117 frames), over
-windows given in tiles, for `tile: auto` and the paper's 6x8x8 tile. STA and flex run on the same packed layout and the same block mask
-(the kernel plan); dense is SDPA over all tokens with no mask (its flash backend on CUDA);
+windows given in tiles, for `tile: auto` and the paper's 6x8x8 tile. STA and flex run on the
+same packed layout and the same block lists (the kernel plan); dense is SDPA over all real
+tokens with no mask (its flash backend on CUDA);
 the reference is SDPA with the dense boolean mask (skipped where the N x N mask would not
 fit). Dense attention runs on the real tokens (video + text, no tile padding). TFLOP/s
 counts only attended blocks for the sparse backends (4*D FLOPs per query-key pair forward,
@@ -141,7 +142,7 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="one tiny canvas in float32 (CPU smoke run)")
     parser.add_argument("--sizes", nargs="*", default=None, help="token canvases TxHxW")
     parser.add_argument("--windows", nargs="*", default=None, help="windows in tiles TxHxW, or 'full'")
-    parser.add_argument("--tiles", nargs="*", type=tile_arg, default=None, help="tiles TxHxW or 'auto'")
+    parser.add_argument("--tiles", "--tile", nargs="*", type=tile_arg, default=None, help="tiles TxHxW or 'auto'")
     parser.add_argument("--heads", type=int, default=None)
     parser.add_argument("--head-dim", type=int, default=None)
     parser.add_argument("--batch", type=int, default=1)

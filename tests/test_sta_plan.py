@@ -91,7 +91,8 @@ def test_window_for_extent_covers_the_extent_with_the_fewest_odd_tiles(extent, t
 
 def test_plan_skips_fully_padded_blocks_as_queries_and_keys():
     # canvas 4x4x4 in 3x4x4 tiles (48 tokens, block 16): the second time tile covers t = 3, 4, 5 of which
-    # only t = 3 is real, so its blocks 4 and 5 (t = 4 and t = 5) hold padding only. Text: 3 tokens, block 6; text queries attend every real block.
+    # only t = 3 is real, so its blocks 4 and 5 (t = 4 and t = 5) hold padding only. Text: 3 tokens, block 6;
+    # text queries attend every real block.
     plan = kernel_plan((4, 4, 4), [1, 1, 1], (3, 4, 4), text_tokens=3)
     assert plan.block == 16 and plan.video_padded == 96
     assert plan.block_real.tolist() == [True, True, True, True, False, False, True]

@@ -20,6 +20,14 @@ Settings: activation checkpointing none | full | selective (dancegrpo.distribute
 each optionally "+compile" (compile_blocks: torch.compile per block). A setting that runs
 out of memory is recorded with status "OOM".
 
+Sliding-tile attention (HunyuanVideo only): `--sta 1x3x3` (a window in tiles, `tile: auto`)
+or `--sta '{"window": [1, 3, 3], "tile": [6, 8, 8]}'` (any `model.options.sta` mapping, see
+docs/sta.md) adds, after each dense row, a row with the joint attention through STA
+(`install_sta`; the CSV's "sta" column holds the options). Options that depend on the
+sampling step (full_attention_steps, table) are measured at `--sta-step` (default 0).
+FLOPs, MFU and HFU stay those of the dense model (the work the step replaces), so an STA
+row's MFU is an effective figure: dense FLOPs per second of the sparse step.
+
 FLOPs (`forward_flops`, exact for the matrix products and attention; tests compare it with
 torch.utils.flop_counter on tiny configs). With d = heads x head_dim, N_i image/video tokens,
 N_t text tokens, N = N_i + N_t and lin(n, a, b) = 2 n a b for a linear layer on n rows:
@@ -38,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -56,7 +65,7 @@ from dancegrpo.memory_estimate import FLUX_DEV_TRANSFORMER, HUNYUAN_VIDEO_TRANSF
 CSV = RESULTS / "throughput.csv"
 FIELDS = ["model", "shape", "batch", "image_tokens", "text_tokens", "checkpointing", "compile", "dtype", "status",
           "step_s", "samples_per_s", "tokens_per_s", "model_tflop_per_step", "achieved_tflops", "peak_tflops", "mfu",
-          "hfu", "peak_memory_gib", "iterations", "device", "load_average", "commit", "date"]
+          "hfu", "peak_memory_gib", "iterations", "device", "load_average", "commit", "date", "sta"]
 
 # Dense bf16 tensor-core peak (no sparsity), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0}
@@ -240,9 +249,47 @@ def parse_setting(setting: str) -> tuple[str, bool]:
     return mode, extra == "compile"
 
 
+def parse_sta(spec: str) -> dict:
+    """`--sta` value -> `model.options.sta` mapping: "TxHxW" (a window in tiles, tile auto) or a JSON mapping.
+
+    Raises ValueError naming the value when it is neither, or when the options are invalid."""
+    spec = spec.strip()
+    if spec.startswith("{"):
+        try:
+            options = json.loads(spec)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--sta {spec!r} is not valid JSON ({exc}); give e.g. 1x3x3 or "
+                             f"'{{\"window\": [1, 3, 3]}}'") from None
+    else:
+        parts = spec.split("x")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"--sta {spec!r}: give a window in tiles TxHxW (e.g. 1x3x3) or a JSON mapping of "
+                             f"model.options.sta")
+        options = {"window": [int(p) for p in parts]}
+    from dancegrpo.attention.hunyuan_processor import STAOptions
+    problems = STAOptions.from_dict(options).validate()
+    if problems:
+        raise ValueError(f"--sta {spec!r}: " + "; ".join(problems))
+    return options
+
+
+def install_attention(model: torch.nn.Module, work: Workload, sta: dict | None, sta_step: int | None = 0) -> None:
+    """Route the denoiser's joint attention through STA (`sta` = model.options.sta) or leave it dense (None)."""
+    if sta is None:
+        return
+    if work.model_name not in ("hunyuan_video", "skyreels_i2v"):
+        raise ValueError(f"--sta: sliding-tile attention is for HunyuanVideo / SkyReels-I2V, not {work.model_name!r}")
+    from dancegrpo.attention.hunyuan_processor import install_sta
+    install_sta(model, sta).set_step(sta_step)
+
+
 def measure(work: Workload, setting: str, device: torch.device, dtype: torch.dtype, iterations: int, warmup: int,
-            peak: float | None, compile_kwargs: dict | None = None) -> dict:
-    """One CSV row: throughput, FLOP rates and memory of `work` under `setting`."""
+            peak: float | None, compile_kwargs: dict | None = None, sta: dict | None = None,
+            sta_step: int | None = 0) -> dict:
+    """One CSV row: throughput, FLOP rates and memory of `work` under `setting`.
+
+    sta: a `model.options.sta` mapping to run the joint attention through sliding-tile attention
+    (None = dense, as before); sta_step: the sampling step its step-dependent windows use."""
     mode, compiled = parse_setting(setting)
     gc.collect()   # what a previous setting (an OOM's traceback) may still hold
     image_tokens, text_tokens = work.tokens
@@ -252,10 +299,12 @@ def measure(work: Workload, setting: str, device: torch.device, dtype: torch.dty
     row = dict(model=work.model_name, shape=work.shape, batch=work.batch, image_tokens=image_tokens,
                text_tokens=text_tokens, checkpointing=mode, compile=compiled, dtype=str(dtype).replace("torch.", ""),
                model_tflop_per_step=f"{flops / 1e12:.6g}", peak_tflops=peak or "", iterations=iterations,
-               device=device_name(device), load_average=load_average(), commit=commit(), date=today())
+               device=device_name(device), load_average=load_average(), commit=commit(), date=today(),
+               sta=json.dumps(sta, sort_keys=True) if sta is not None else "")
     model = None
     try:
         model = build_denoiser(work, device, dtype)
+        install_attention(model, work, sta, sta_step)
         apply_activation_checkpointing(model, mode)
         if compiled:
             compile_blocks(model, **(compile_kwargs or {}))
@@ -292,7 +341,11 @@ def main(argv: list[str] | None = None, measure_fn: Callable[..., dict] = measur
     parser.add_argument("--compile-backend", default="inductor")
     parser.add_argument("--tiny", action="store_true", help="tiny configs and shapes (a functional check, any device)")
     parser.add_argument("--csv", type=Path, default=CSV)
+    parser.add_argument("--sta", default=None, help="also measure HunyuanVideo with sliding-tile attention: a "
+                        "window in tiles TxHxW (tile auto) or a JSON model.options.sta mapping")
+    parser.add_argument("--sta-step", type=int, default=0, help="sampling step for step-dependent STA windows")
     args = parser.parse_args(argv)
+    sta = parse_sta(args.sta) if args.sta is not None else None
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type != "cuda" and not args.tiny:
@@ -307,14 +360,18 @@ def main(argv: list[str] | None = None, measure_fn: Callable[..., dict] = measur
     rows = []
     for model_name in args.model:
         work = recipe_workload(model_name, args.batch, tiny=args.tiny)
+        attention = [None] + ([sta] if sta is not None and model_name == "hunyuan_video" else [])
         for setting in settings:
-            row = measure_fn(work, setting, device, getattr(torch, args.dtype), args.iterations, args.warmup, peak,
-                             {"backend": args.compile_backend})
-            append_csv_row(args.csv, FIELDS, row)
-            rows.append(row)
-            print(f"{model_name} {work.shape} x{work.batch} {setting}: {row.get('status')} "
-                  f"{row.get('samples_per_s', '-')} samples/s, {row.get('tokens_per_s', '-')} tokens/s, "
-                  f"MFU {row.get('mfu') or '-'}, peak {row.get('peak_memory_gib') or '-'} GiB", flush=True)
+            for sta_options in attention:
+                extra = {} if sta_options is None else {"sta": sta_options, "sta_step": args.sta_step}
+                row = measure_fn(work, setting, device, getattr(torch, args.dtype), args.iterations, args.warmup,
+                                 peak, {"backend": args.compile_backend}, **extra)
+                append_csv_row(args.csv, FIELDS, row)
+                rows.append(row)
+                label = setting + ("" if sta_options is None else " +sta")
+                print(f"{model_name} {work.shape} x{work.batch} {label}: {row.get('status')} "
+                      f"{row.get('samples_per_s', '-')} samples/s, {row.get('tokens_per_s', '-')} tokens/s, "
+                      f"MFU {row.get('mfu') or '-'}, peak {row.get('peak_memory_gib') or '-'} GiB", flush=True)
     return rows
 
 

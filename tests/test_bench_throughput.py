@@ -108,3 +108,34 @@ def test_tiny_run_writes_consistent_rows(tmp_path):
         assert float(row["mfu"]) == pytest.approx(flops / step / 0.5e12, rel=1e-4)
         recompute = flops / 3 if row["checkpointing"] == "full" else 0
         assert float(row["hfu"]) == pytest.approx((flops + recompute) / step / 0.5e12, rel=1e-4)
+
+
+def test_sta_setting_routes_attention_through_sta(tmp_path, monkeypatch):
+    """--sta adds an STA row after the dense one; its joint attention calls go through sta_attention (tiny
+    HunyuanVideo: 2 + 2 blocks, 1 warm-up + 1 timed step = 8 calls), the dense row's do not."""
+    from dancegrpo.attention import hunyuan_processor
+    calls = []
+    original = hunyuan_processor.sta_attention
+
+    def counting(*args, **kwargs):
+        calls.append((args[3], args[4], args[5]))   # canvas, window, tile
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(hunyuan_processor, "sta_attention", counting)
+    path = tmp_path / "throughput.csv"
+    rows = throughput.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--iterations", "1", "--warmup", "1",
+                            "--model", "hunyuan_video", "--settings", "none", "--sta", "1x1x1", "--csv", str(path)])
+    assert [r["sta"] for r in rows] == ["", '{"window": [1, 1, 1]}'] and all(r["status"] == "ok" for r in rows)
+    # tiny canvas: latent 2 x 8 x 8 -> tokens 2 x 4 x 4 (32), whose auto tile is the whole canvas
+    assert calls == [((2, 4, 4), [1, 1, 1], (2, 4, 4))] * 8
+    with path.open() as f:
+        assert [r["sta"] for r in csv.DictReader(f)] == ["", '{"window": [1, 1, 1]}']
+
+
+def test_sta_setting_is_checked_before_work():
+    for bad, message in [("1x3", "TxHxW"), ("{window", "not valid JSON"), ('{"window": [0, 1, 1]}', "sta.window"),
+                         ('{"tile": "big", "window": [1, 1, 1]}', "sta.tile")]:
+        with pytest.raises(ValueError, match=message):
+            throughput.main(["--tiny", "--device", "cpu", "--sta", bad])
+    assert throughput.parse_sta('{"window": [1, 3, 3], "tile": [6, 8, 8]}') == {"window": [1, 3, 3],
+                                                                                "tile": [6, 8, 8]}

@@ -105,10 +105,39 @@ def test_per_step_per_layer_table():
     torch.testing.assert_close(sta(**inputs())[0], reference(**inputs())[0], atol=1e-5, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_window_in_tokens_is_converted_to_tiles():
+    """window_unit tokens: spans in tokens -> the fewest odd tiles of 1x4x4 covering them
+    ([1, 4, 4] -> [1, 1, 1]; [3, 5, 1] -> [3, 3, 1]), equal to those windows given in tiles."""
+    stock = tiny_transformer()
+    sta = copy.deepcopy(stock)
+    install_sta(sta, {"window": [[1, 4, 4], [3, 5, 1]], "tile": list(TILE), "window_unit": "tokens"})
+    torch.testing.assert_close(sta(**inputs())[0], with_dense_mask(stock, [[1, 1, 1], [3, 3, 1]])(**inputs())[0],
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("efficiency,uses_sta", [(0.83, True), (0.82, False)])
+@torch.no_grad()
+def test_kernel_efficiency_runs_sta_only_where_it_pays(efficiency, uses_sta):
+    """Tokens (3, 4, 6) in 1x4x4 tiles, 5 text tokens, window 1x1x1: 6 video blocks of 16 tokens (the 6-wide
+    canvas pads to 8) each attend their own and the text block, the text block attends all 7: 19 blocks x 16^2 =
+    4864 pairs against (72 + 5)^2 = 5929 dense, so STA pays when 4864 / efficiency < 5929: efficiency > 0.8204."""
+    stock = tiny_transformer()
+    sta = copy.deepcopy(stock)
+    install_sta(sta, {"window": [1, 1, 1], "tile": list(TILE), "kernel_efficiency": efficiency})
+    expected = with_dense_mask(stock, [1, 1, 1]) if uses_sta else stock
+    torch.testing.assert_close(sta(**inputs())[0], expected(**inputs())[0], atol=1e-5, rtol=1e-5)
+
+
 def test_options_are_validated():
     assert STAOptions(window=[1, 1, 1]).validate() == []
+    assert STAOptions(window=[1, 1, 1]).tile == "auto"           # the default tile
     problems = STAOptions(window=[0, 1, 1], full_attention_steps=-1, backend="cuda").validate()
     assert len(problems) == 3 and "sta.window" in problems[0]
+    problems = STAOptions(window=[1, 1, 1], tile="automatic", window_unit="frames", kernel_efficiency=0).validate()
+    assert len(problems) == 3
+    assert "sta.tile" in problems[0] and "sta.window_unit" in problems[1] and "sta.kernel_efficiency" in problems[2]
+    assert "sta.tile" in STAOptions(window=[1, 1, 1], tile=[6, 8]).validate()[0]
     with pytest.raises(ValueError, match="unknown sta option"):
         STAOptions.from_dict({"windows": [1, 1, 1]})
     with pytest.raises(ValueError, match="one window per layer"):

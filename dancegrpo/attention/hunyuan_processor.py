@@ -6,7 +6,11 @@ its own) and registers a forward pre-hook that records, per call, the video canv
 (after patchify) and each sample's sampling step. The step decides the window: full
 attention for the first `full_attention_steps` steps, then `window` (all layers) or the
 row of `table` for that step (one window spec per layer, layers numbered over the
-dual-stream blocks then the single-stream blocks).
+dual-stream blocks then the single-stream blocks). Windows count tiles (`window_unit:
+tiles`) or give a span in tokens (`window_unit: tokens`, converted per canvas to the
+fewest tiles covering it for the tile in use, `sta_mask.window_for_extent`). The tile is
+`tile` or, with "auto", `sta_mask.auto_tile` of each canvas. With `kernel_efficiency` set,
+a (step, layer) whose window would not pay runs dense attention instead (see `pays_off`).
 
 The step comes from the model time: `controller.set_schedule(model_times)` registers the
 sampler's model times (sigmas) so each call maps its timestep to a step index; or
@@ -14,14 +18,16 @@ sampler's model times (sigmas) so each call maps its timestep to a step index; o
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sta import BACKENDS, sta_attention
-from .sta_mask import DEFAULT_TILE, normalize_windows
+from .sta import BACKENDS, kernel_plan, sta_attention
+from .sta_mask import AUTO, normalize_windows, resolve_tile, window_for_extent
+
+WINDOW_UNITS = ("tiles", "tokens")
 
 
 def _window_spec_problem(spec, where: str) -> str | None:
@@ -34,13 +40,15 @@ def _window_spec_problem(spec, where: str) -> str | None:
 
 @dataclass
 class STAOptions:
-    """`model.options.sta`: window ([t, h, w] in tiles, or one per head) or a per-step table."""
+    """`model.options.sta`: window ([t, h, w], or one per head) or a per-step table (docs/sta.md)."""
 
     window: list | None = None
     table: list | None = None          # table[step][layer] = window spec; later steps reuse the last row
-    tile: list = field(default_factory=lambda: list(DEFAULT_TILE))
+    tile: list | str = AUTO            # (t, h, w) in tokens, or "auto": per canvas, the fewest padded tokens
+    window_unit: str = "tiles"         # tiles: window / table entries count tiles; tokens: spans in tokens
     full_attention_steps: int = 0
     backend: str = "auto"              # auto (Triton on CUDA, else dense reference) | triton | flex | reference
+    kernel_efficiency: float | None = None  # STA TFLOP/s on attended blocks / dense TFLOP/s; None = always STA
 
     @classmethod
     def from_dict(cls, options: dict) -> "STAOptions":
@@ -64,8 +72,19 @@ class STAOptions:
             else:
                 problems += [_window_spec_problem(spec, f"sta.table[{s}][{l}]")
                              for s, row in enumerate(self.table) for l, spec in enumerate(row)]
-        if len(self.tile) != 3 or min(int(t) for t in self.tile) < 1:
-            problems.append(f"sta.tile = {self.tile!r} must be three positive integers")
+        if isinstance(self.tile, str):
+            if self.tile != AUTO:
+                problems.append(f"sta.tile = {self.tile!r} must be \"auto\" or three positive integers (t, h, w)")
+        elif not isinstance(self.tile, (list, tuple)) or len(self.tile) != 3 or \
+                not all(isinstance(t, int) and t >= 1 for t in self.tile):
+            problems.append(f"sta.tile = {self.tile!r} must be \"auto\" or three positive integers (t, h, w)")
+        if self.window_unit not in WINDOW_UNITS:
+            problems.append(f"sta.window_unit = {self.window_unit!r} must be one of {', '.join(WINDOW_UNITS)}")
+        if self.kernel_efficiency is not None and not (
+                isinstance(self.kernel_efficiency, (int, float)) and 0 < self.kernel_efficiency <= 10):
+            problems.append(f"sta.kernel_efficiency = {self.kernel_efficiency!r} must be a number in (0, 10]: the "
+                            "STA kernel's TFLOP/s on attended blocks over dense attention's "
+                            "(python -m bench.sta_bench)")
         if self.full_attention_steps < 0:
             problems.append(f"sta.full_attention_steps = {self.full_attention_steps} must be >= 0")
         if self.backend not in BACKENDS:
@@ -120,6 +139,33 @@ class STAController:
             return self.options.window
         row = self.options.table[min(step if step is not None else 0, len(self.options.table) - 1)]
         return row[layer]
+
+    def tile(self, canvas) -> tuple[int, int, int]:
+        """The tile (t, h, w) in tokens used on this canvas."""
+        return resolve_tile(self.options.tile if isinstance(self.options.tile, str) else tuple(self.options.tile),
+                            canvas)
+
+    def window_in_tiles(self, spec, tile):
+        """A window spec of the options (in `window_unit`) as tiles of `tile`."""
+        return window_for_extent(spec, tile) if self.options.window_unit == "tokens" else spec
+
+    def pays_off(self, canvas, window, tile, text_tokens: int, heads: int, device) -> bool:
+        """Whether STA is predicted faster than dense attention for this call (always True without
+        `kernel_efficiency`).
+
+        Cost model: attention time is proportional to the (query, key) pairs computed divided by
+        the kernel's throughput. Dense attention computes N^2 pairs per head (N = real video +
+        text tokens); STA computes the plan's attended blocks x block^2 (padding included) at
+        `kernel_efficiency` times dense attention's TFLOP/s. STA runs when
+        pairs_sta / kernel_efficiency < N^2. The plan is cached, so this is host arithmetic.
+        """
+        efficiency = self.options.kernel_efficiency
+        if efficiency is None:
+            return True
+        plan = kernel_plan(canvas, window, tile, text_tokens, heads, device)
+        pairs_per_head = plan.attended_pairs / plan.block_mask.shape[0]
+        tokens = canvas[0] * canvas[1] * canvas[2] + text_tokens
+        return pairs_per_head / efficiency < tokens * tokens
 
 
 def _qkv(x, to_q, to_k, to_v, norm_q, norm_k, heads: int):
@@ -186,10 +232,16 @@ class STAHunyuanAttnProcessor:
             sub = [x if isinstance(rows, slice) else x.index_select(0, rows) for x in (q, k, v)]
             sub_text = None if text_valid is None else \
                 (text_valid if isinstance(rows, slice) else text_valid.index_select(0, rows))
+            if window is not None:
+                tile = control.tile(control.canvas)
+                window = control.window_in_tiles(window, tile)
+                text_tokens = q.shape[2] - control.canvas[0] * control.canvas[1] * control.canvas[2]
+                if not control.pays_off(control.canvas, window, tile, text_tokens, q.shape[1], q.device):
+                    window = None
             if window is None:
                 outs.append(_full_attention(*sub, sub_text))
             else:
-                outs.append(sta_attention(*sub, control.canvas, window, tuple(control.options.tile), sub_text,
+                outs.append(sta_attention(*sub, control.canvas, window, tile, sub_text,
                                           backend=control.options.backend))
             order.append(rows)
         if len(outs) == 1:

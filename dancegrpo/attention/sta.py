@@ -1,22 +1,25 @@
 """Sliding-tile attention: the Triton kernel behind torch.autograd, flex_attention, and a dispatcher.
 
 `sta_attention(q, k, v, canvas, window, ...)` takes tokens in the transformer's order (video
-raster order, then text) and returns the same layout. The Triton backend packs them into the
-kernel layout: video tile-major, each tile padded to whole tiles, then text padded to a
-whole block; kernel blocks are a power of two dividing the tile (128 for 6x8x8 = 384), so a
-block never straddles two tiles and the tile mask is also the block mask.
+raster order, then text) and returns the same layout. The Triton and flex backends pack
+them into the kernel layout: video tile-major, each tile padded to whole tiles, then text
+padded to a whole block; kernel blocks are a power of two dividing the tile (128 for 6x8x8 =
+384, 64 for 2x10x16 = 320), so a block never straddles two tiles and the tile mask is also
+the block mask. The kernel plan lists, per query block, the key blocks it attends; blocks
+holding no real token (video padding, text rounding) are skipped both as keys and as
+queries (their output rows are dropped by `unpack` anyway).
 """
 from __future__ import annotations
 
 import functools
 import importlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
-from .sta_mask import DEFAULT_TILE, STAMask, normalize_windows, sta_reference
+from .sta_mask import AUTO, STAMask, normalize_windows, resolve_tile, sta_reference
 
 BACKENDS = ("auto", "triton", "flex", "reference")
 
@@ -39,11 +42,24 @@ class KernelPlan:
     mask: STAMask
     block: int
     text_padded: int
-    block_mask: torch.Tensor   # (heads or 1, NB, NB) bool
+    block_mask: torch.Tensor   # (heads or 1, NB, NB) bool: query block (row) attends key block (column)
     kv_count: torch.Tensor     # (heads or 1, NB) int32: key blocks per query block
     kv_index: torch.Tensor     # (heads or 1, NB, max) int32
     q_count: torch.Tensor      # (heads or 1, NB) int32: query blocks per key block
     q_index: torch.Tensor      # (heads or 1, NB, max) int32
+    block_real: torch.Tensor   # (NB,) bool: the block holds at least one real token (video or text)
+    block_all_real: torch.Tensor  # (NB,) bool: every token of the block is real (no video or text padding)
+    attended_blocks: int       # block_mask.sum() (over heads), counted on the host when the plan was built
+    cache: dict = field(default_factory=dict, compare=False, repr=False)  # derived tensors (flex lists)
+
+    @property
+    def tile(self) -> tuple[int, int, int]:
+        return self.mask.layout.tile
+
+    @property
+    def attended_pairs(self) -> int:
+        """(query, key) pairs the kernel computes, summed over the heads of block_mask: blocks x block^2."""
+        return self.attended_blocks * self.block ** 2
 
     @property
     def video_padded(self) -> int:
@@ -89,30 +105,31 @@ def _plan(canvas: tuple, tile: tuple, windows: tuple, text_tokens: int, device: 
     block = block_size_for(layout.tile_tokens)
     text_padded = math.ceil(text_tokens / block) * block
     nvb, ntb = layout.padded_tokens // block, text_padded // block
-    # a key block is skipped when it holds no real token (video padding, text rounding)
-    video_block_real = layout.token_valid.view(nvb, block).any(1)
-    text_block_real = (torch.arange(text_padded).view(ntb, block) < text_tokens).any(1) if ntb else \
-        torch.zeros(0, dtype=torch.bool)
-    key_real = torch.cat([video_block_real, text_block_real])
+    # a block is skipped (as key and as query) when it holds no real token (video padding, text rounding)
+    video_tokens = layout.token_valid.view(nvb, block)
+    text_positions = (torch.arange(text_padded) < text_tokens).view(ntb, block)
+    real = torch.cat([video_tokens.any(1), text_positions.any(1)])
+    all_real = torch.cat([video_tokens.all(1), text_positions.all(1)])
     tile_of_block = torch.arange(nvb) * block // layout.tile_tokens
     heads = mask.tile_mask.shape[0]
     blocks = torch.zeros(heads, nvb + ntb, nvb + ntb, dtype=torch.bool)
     blocks[:, :nvb, :nvb] = mask.tile_mask[:, tile_of_block][:, :, tile_of_block]
     blocks[:, :nvb, nvb:] = True
     blocks[:, nvb:, :] = True
-    blocks &= key_real
+    blocks &= real[None, :] & real[:, None]
     kv_count, kv_index = _lists(blocks)
     q_count, q_index = _lists(blocks.transpose(1, 2))
     dev = torch.device(device)
     return KernelPlan(mask, block, text_padded, blocks.to(dev), kv_count.to(dev), kv_index.to(dev),
-                      q_count.to(dev), q_index.to(dev))
+                      q_count.to(dev), q_index.to(dev), real.to(dev), all_real.to(dev), int(blocks.sum()))
 
 
-def kernel_plan(canvas, window, tile=DEFAULT_TILE, text_tokens: int = 0, heads: int | None = None,
+def kernel_plan(canvas, window, tile=AUTO, text_tokens: int = 0, heads: int | None = None,
                 device: torch.device | str = "cpu") -> KernelPlan:
-    """The cached kernel layout and block lists of an STA pattern."""
+    """The cached kernel layout and block lists of an STA pattern (tile: (t, h, w) or "auto")."""
     windows = tuple(map(tuple, normalize_windows(window, heads).tolist()))
-    return _plan(tuple(canvas), tuple(tile), windows, int(text_tokens), str(torch.device(device)))
+    tile = resolve_tile(tile, canvas)
+    return _plan(tuple(int(c) for c in canvas), tile, windows, int(text_tokens), str(torch.device(device)))
 
 
 def _kernels():
@@ -122,14 +139,17 @@ def _kernels():
 
 
 class STAFunction(torch.autograd.Function):
-    """The Triton kernels on packed (B, H, N, D) tensors; backward recomputes from the saved lse."""
+    """The Triton kernels on packed (B, H, N, D) tensors; backward recomputes from the saved lse.
+
+    config: None = autotuned launch shapes on a GPU (one default shape under the interpreter),
+    or {"BLOCK_M": m, "BLOCK_N": n} to force one (kernels.sta_attention._launch)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, key_bias, plan: KernelPlan, scale: float):
+    def forward(ctx, q, k, v, key_bias, plan: KernelPlan, scale: float, config: dict | None = None):
         kernels = _kernels()
-        out, lse = kernels.sta_forward(q, k, v, key_bias, plan.kv_count, plan.kv_index, plan.block, scale)
+        out, lse = kernels.sta_forward(q, k, v, key_bias, plan.kv_count, plan.kv_index, plan.block, scale, config)
         ctx.save_for_backward(q, k, v, out, lse, key_bias)
-        ctx.plan, ctx.scale = plan, scale
+        ctx.plan, ctx.scale, ctx.config = plan, scale, config
         return out
 
     @staticmethod
@@ -137,24 +157,87 @@ class STAFunction(torch.autograd.Function):
         q, k, v, out, lse, key_bias = ctx.saved_tensors
         plan = ctx.plan
         dq, dk, dv = _kernels().sta_backward(q, k, v, out, lse, grad_out, key_bias, plan.kv_count, plan.kv_index,
-                                             plan.q_count, plan.q_index, plan.block, ctx.scale)
-        return dq, dk, dv, None, None, None
+                                             plan.q_count, plan.q_index, plan.block, ctx.scale, ctx.config)
+        return dq, dk, dv, None, None, None, None
 
 
-def _flex(q, k, v, plan: KernelPlan, key_bias: torch.Tensor, scale: float) -> torch.Tensor:
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-    blocks, block = plan.block_mask, plan.block
+def _full_width_lists(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """flex_attention's (count, indices) of a (heads, rows, cols) block mask, with a batch axis of 1:
+    counts (1, heads, rows) int32, indices (1, heads, rows, cols) int32, the True columns first
+    in ascending order (flex_attention wants indices as wide as the number of key blocks)."""
+    count = mask.sum(-1, dtype=torch.int32)
+    order = torch.argsort((~mask).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+    return count[None].contiguous(), order[None].contiguous()
+
+
+def flex_block_lists(plan: KernelPlan, all_text_valid: bool) -> dict[str, torch.Tensor]:
+    """The plan's block lists split the way flex_attention's BlockMask wants them (cached per plan).
+
+    A listed block is "full" when every key in it is real for every batch row: a video key
+    block without padding, or (only when `all_text_valid`, i.e. text_valid is None) a text key
+    block inside the text; flex skips the mask_mod there. Every other listed block is
+    "partial": flex evaluates the mask_mod (key validity) per element. Sizes are O(heads x NB^2)
+    for NB = plan.num_tokens / plan.block blocks, never O(tokens^2).
+    Returns kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices (see `_full_width_lists`).
+    """
+    key = ("flex_lists", bool(all_text_valid))
+    if key not in plan.cache:
+        nvb = plan.video_padded // plan.block
+        full_key = plan.block_all_real.clone()
+        if not all_text_valid:
+            full_key[nvb:] = False
+        full = plan.block_mask & full_key
+        partial = plan.block_mask & ~full_key
+        (count, index), (full_count, full_index) = _full_width_lists(partial), _full_width_lists(full)
+        plan.cache[key] = dict(kv_num_blocks=count, kv_indices=index, full_kv_num_blocks=full_count,
+                               full_kv_indices=full_index)
+    return plan.cache[key]
+
+
+def flex_block_mask(plan: KernelPlan, key_bias: torch.Tensor, all_text_valid: bool = False):
+    """flex_attention's BlockMask of an STA pattern, built from the kernel plan's block lists.
+
+    key_bias: (B, N) float32 of 0 / -inf (`KernelPlan.key_bias`). The block lists come from the
+    plan (`flex_block_lists`); no dense (Q x K) mask is built (unlike `create_block_mask`), so
+    this runs at 720p. The mask_mod, which compiled flex evaluates only inside partial blocks,
+    is the plan's block mask at (query block, key block) and the key's validity: the exact STA
+    mask, since a block lies inside one query tile and one key tile. (Eager flex_attention
+    ignores the block lists and applies the mask_mod everywhere, so it must be exact.)
+    """
+    from torch.nn.attention.flex_attention import BlockMask
     key_valid = torch.isfinite(key_bias)
+    blocks, block = plan.block_mask, plan.block
     per_head = blocks.shape[0] > 1
 
-    def mask_mod(b, h, q_idx, kv_idx):
+    def sta_mask_mod(b, h, q_idx, kv_idx):
         return blocks[h if per_head else 0, q_idx // block, kv_idx // block] & key_valid[b, kv_idx]
 
-    B, H, N, _ = q.shape
-    block_mask = create_block_mask(mask_mod, B, H, N, N, device=q.device, BLOCK_SIZE=block)
-    # flex_attention is only fast compiled; on the CPU it runs eagerly (forward only in torch 2.13)
-    attend = _compiled_flex() if q.is_cuda else flex_attention
-    return attend(q, k, v, block_mask=block_mask, scale=scale)
+    n = plan.num_tokens
+    return BlockMask.from_kv_blocks(**flex_block_lists(plan, all_text_valid), BLOCK_SIZE=block,
+                                    mask_mod=sta_mask_mod, seq_lengths=(n, n))
+
+
+def _flex(q, k, v, plan: KernelPlan, key_bias: torch.Tensor, scale: float, all_text_valid: bool = False
+          ) -> torch.Tensor:
+    """flex_attention on packed (B, H, N, D) tensors with the plan's BlockMask.
+
+    On CUDA, flex_attention runs compiled (`_compiled_flex`, compiled once per process; torch
+    recompiles only for new shapes); its kernel blocks are set to the plan's block when that is
+    under 128 tokens (flex requires the BlockMask's blocks to be multiples of the kernel's).
+    On a CPU it runs eagerly (forward only in torch 2.13): torch's eager flex_attention
+    materialises the full score matrix and applies the mask_mod everywhere, a correctness path
+    for small canvases only.
+    """
+    block_mask = flex_block_mask(plan, key_bias, all_text_valid)
+    if not q.is_cuda:
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+    options = None
+    if plan.block < 128:
+        b = plan.block
+        options = {"fwd_BLOCK_M": b, "fwd_BLOCK_N": b, "bwd_BLOCK_M1": b, "bwd_BLOCK_N1": b, "bwd_BLOCK_M2": b,
+                   "bwd_BLOCK_N2": b}
+    return _compiled_flex()(q, k, v, block_mask=block_mask, scale=scale, kernel_options=options)
 
 
 @functools.lru_cache(maxsize=1)
@@ -163,13 +246,14 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def sta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, canvas, window, tile=DEFAULT_TILE,
+def sta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, canvas, window, tile=AUTO,
                   text_valid: torch.Tensor | None = None, scale: float | None = None,
                   backend: str = "auto") -> torch.Tensor:
     """Sliding-tile attention.
 
     q, k, v: (B, heads, N, D), N = T*H*W video tokens in raster order followed by text tokens;
-    canvas: (T, H, W) in tokens; window: [t, h, w] in tiles, or one per head; text_valid:
+    canvas: (T, H, W) in tokens; window: [t, h, w] in tiles, or one per head; tile: (t, h, w)
+    in tokens or "auto" (`auto_tile`: the fewest padded tokens for this canvas); text_valid:
     (B, text tokens) bool, None = all valid. backend: "triton" (CUDA, or the Triton interpreter),
     "flex" (torch flex_attention with the same block mask), "reference" (SDPA with the dense
     mask), or "auto" = triton on CUDA, else reference.
@@ -188,7 +272,7 @@ def sta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, canvas, win
     key_bias = plan.key_bias(text_valid, q.shape[0], q.device)
     packed = [plan.pack(x) for x in (q, k, v)]
     if backend == "flex":
-        out = _flex(*packed, plan, key_bias, scale)
+        out = _flex(*packed, plan, key_bias, scale, all_text_valid=text_valid is None)
     else:
         out = STAFunction.apply(*packed, key_bias, plan, scale)
     return plan.unpack(out)

@@ -1,8 +1,9 @@
 """Sliding-tile attention (STA): the definition in plain torch.
 
-Video tokens on a (T, H, W) canvas are grouped into tiles (default 6x8x8 = 384 tokens) and
-reordered tile-major; a canvas that does not divide into tiles is padded, and padding is
-never attended. Per dimension, a query tile q attends key tile k when |k - c| <= w//2 with
+Video tokens on a (T, H, W) canvas are grouped into tiles (the STA paper's 6x8x8 = 384
+tokens, or `tile="auto"`: per canvas, the tile of `auto_tile`) and reordered tile-major; a
+canvas that does not divide into tiles is padded, and padding is never attended. Per
+dimension, a query tile q attends key tile k when |k - c| <= w//2 with
 c = clamp(q, w//2, n_tiles-1-w//2): the window shifts inward at borders, it never shrinks;
 a window >= the number of tiles is full attention in that dimension. Windows are given in
 tiles, one per head or one for all heads.
@@ -10,16 +11,22 @@ tiles, one per head or one for all heads.
 Token order everywhere in the public API is the one the transformer uses: the video tokens
 in raster (t, h, w) order, then the text tokens. Every image query attends all valid text
 keys; text queries attend every valid key; padded text keys are masked.
+
+A window counts tiles, so its extent in tokens is window x tile per dimension and changes
+with the tile; `window_for_extent` converts an extent in tokens to tiles for a given tile.
 """
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
 from functools import cached_property
 
 import torch
 
-DEFAULT_TILE = (6, 8, 8)
+DEFAULT_TILE = (6, 8, 8)      # the STA paper's tile; also the shape `auto_tile` stays closest to
+AUTO = "auto"
 Triple = tuple[int, int, int]
 
 
@@ -28,6 +35,74 @@ def _triple(value, name: str) -> Triple:
     if len(values) != 3 or min(values) < 1:
         raise ValueError(f"{name} = {value!r} must be three positive integers (t, h, w)")
     return values  # type: ignore[return-value]
+
+
+def auto_tile(canvas, min_block: int = 64, max_tile_tokens: int = 512, reference=DEFAULT_TILE) -> Triple:
+    """The tile `tile="auto"` uses on a (T, H, W) token canvas: the fewest padded tokens a kernel tile allows.
+
+    Candidates: tiles (t, h, w) whose token count is a multiple of `min_block` (so the Triton
+    kernel runs blocks of at least that many tokens: `dancegrpo.attention.sta.block_size_for`)
+    and at most `max_tile_tokens`, each side at most twice the reference tile's (12x16x16 for
+    6x8x8: no tile swallows a long dimension, so windows stay local) and at most the canvas
+    side rounded up to a power of two. Chosen, in order: the fewest padded tokens
+    (prod(ceil(canvas / tile) * tile)); then the shape closest to `reference` (sum over the
+    three sides of |log(tile / reference)|), so a window in tiles spans about the tokens it
+    spans with the reference tile; then the larger kernel block (128 before 64); then the
+    smallest (t, h, w). If no tile qualifies (a canvas of fewer than `min_block` tokens),
+    `min_block` is halved, down to 16 (the kernel's floor).
+
+    Examples (worked in docs/sta.md): 14x30x30 -> 2x10x16 (13440 tokens, +6.7%; 6x8x8 pads to
+    18432, +46%), 30x48x80 -> 6x8x8 (no padding), 14x25x40 -> 2x4x8 (+12%; 6x8x8: +65%).
+    Raises ValueError for a canvas no tile of >= 16 tokens fits.
+    """
+    return _auto_tile(_triple(canvas, "canvas"), int(min_block), int(max_tile_tokens),
+                      _triple(reference, "reference tile"))
+
+
+@functools.lru_cache(maxsize=256)
+def _auto_tile(canvas: Triple, min_block: int, max_tile_tokens: int, reference: Triple) -> Triple:
+    limits = [min(1 << (c - 1).bit_length(), 2 * r) for c, r in zip(canvas, reference)]
+    block = min_block
+    while block >= 16:
+        best = None
+        for tile in itertools.product(*(range(1, limit + 1) for limit in limits)):
+            tokens = math.prod(tile)
+            if tokens % block or tokens > max_tile_tokens:
+                continue
+            padded = math.prod(math.ceil(c / t) * t for c, t in zip(canvas, tile))
+            distance = round(sum(abs(math.log(t / r)) for t, r in zip(tile, reference)), 9)
+            key = (padded, distance, -math.gcd(tokens, 128), tile)
+            best = key if best is None or key < best else best
+        if best is not None:
+            return best[3]
+        block //= 2
+    raise ValueError(f"canvas {canvas}: no STA tile of >= 16 tokens fits (the Triton kernel's smallest block); "
+                     f"give an explicit tile")
+
+
+def resolve_tile(tile, canvas) -> Triple:
+    """`tile` as three ints: "auto" -> auto_tile(canvas); else validated (t, h, w)."""
+    if isinstance(tile, str):
+        if tile != AUTO:
+            raise ValueError(f"tile = {tile!r}: give \"auto\" or three positive integers (t, h, w)")
+        return auto_tile(canvas)
+    return _triple(tile, "tile")
+
+
+def window_for_extent(extent, tile) -> list:
+    """A window in tiles spanning at least `extent` tokens per dimension with this tile.
+
+    extent: [t, h, w] in tokens (or one per head); tile: (t, h, w). Per dimension the result
+    is the smallest odd w with w x tile >= extent (odd because the rule spans 2*(w//2)+1
+    tiles). E.g. the extent of window 1x3x3 with 6x8x8 tiles is 6x24x24 tokens; with the
+    2x10x16 tile that is window 3x3x3 (6x30x48 tokens). Returns a list shaped like `extent`.
+    """
+    tile = _triple(tile, "tile")
+    extents = torch.as_tensor(extent, dtype=torch.long)
+    if extents.shape[-1:] != (3,) or extents.dim() > 2 or (extents < 1).any():
+        raise ValueError(f"window extent = {extent!r} must be [t, h, w] in tokens (or one per head), each >= 1")
+    tiles = -(-extents // torch.tensor(tile))                      # ceil(extent / tile)
+    return (tiles + (tiles % 2 == 0).long()).tolist()             # round up to odd
 
 
 @dataclass(frozen=True)
@@ -147,8 +222,9 @@ class STAMask:
     text_tokens: int = 0
 
     @classmethod
-    def build(cls, canvas, window, tile=DEFAULT_TILE, text_tokens: int = 0, heads: int | None = None) -> "STAMask":
-        return cls(TileLayout(canvas, tile), normalize_windows(window, heads), int(text_tokens))
+    def build(cls, canvas, window, tile=AUTO, text_tokens: int = 0, heads: int | None = None) -> "STAMask":
+        """tile: (t, h, w) or "auto" (`auto_tile` of the canvas); window in tiles."""
+        return cls(TileLayout(canvas, resolve_tile(tile, canvas)), normalize_windows(window, heads), int(text_tokens))
 
     @cached_property
     def tile_mask(self) -> torch.Tensor:
@@ -185,12 +261,12 @@ class STAMask:
         return self.tile_mask.float().mean().item()
 
 
-def sta_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, canvas, window, tile=DEFAULT_TILE,
+def sta_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, canvas, window, tile=AUTO,
                   text_valid: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
     """STA as dense attention (SDPA) with the equivalent boolean mask.
 
     q, k, v: (B, heads, N, D) with N = T*H*W video tokens (raster order) + text tokens;
-    text_valid: (B, text tokens) bool, None = all valid.
+    text_valid: (B, text tokens) bool, None = all valid; tile: (t, h, w) or "auto".
     """
     text_tokens = q.shape[-2] - math.prod(canvas)
     if text_tokens < 0:

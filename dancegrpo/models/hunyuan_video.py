@@ -29,7 +29,7 @@ class HunyuanVideoOptions(GeneratorOptions):
     frames: int = 53                   # 4k+1 (the VAE compresses time 4x after the first frame); 1 = text-to-image
     guidance_scale: float = 6.018      # the authors pass guidance 6018.0 = 6.018 x 1000
     vae_tiling: bool = True            # diffusers' tiled (and frame-wise) VAE decode: bounded memory for video
-    sta: dict | None = None            # sliding-tile attention: {window | table, tile, full_attention_steps}; null = off
+    sta: dict | None = None            # sliding-tile attention (docs/sta.md); null = off
 
     def validate(self) -> list[str]:
         problems = super().validate()

@@ -220,20 +220,60 @@ def test_runtime_refusal_before_any_kernel_names_backend_shapes_and_dtype(tiny_c
         adapter.predict(x, t, cond)
     assert spy.calls == []                       # no attention kernel ran
     message = str(info.value)
-    for word in ["attention_backend = 'cudnn'", "only on CUDA", "q (2, 2, ", "head_dim), float32 on cpu",
-                 "attention_backend: efficient"]:
+    for word in ["attention_backend = 'cudnn'", "toy_flux denoiser's attention (head_dim up to 8)",
+                 "hidden_states (2, 64, 48)", "float32 on cpu", "only on CUDA", "attention_backend: efficient"]:
         assert word in message, (word, message)
 
 
+class DropoutAttention:
+    """A processor whose SDPA call asks for attention dropout, which torch's CPU flash kernel lacks."""
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
+        q = hidden_states.unflatten(-1, (attn.heads, -1)).transpose(1, 2)
+        out = F.scaled_dot_product_attention(q, q, q, dropout_p=0.5).transpose(1, 2).flatten(2)
+        return out if encoder_hidden_states is None else (out, encoder_hidden_states)
+
+
 @pytest.mark.filterwarnings("ignore:.*(kernel not used|do not support non-zero dropout)")
-def test_kernel_failure_is_wrapped_with_backend_and_shapes():
+def test_kernel_failure_is_wrapped_with_backend_module_and_shapes(tiny_checkpoint):
+    adapter = ToyFluxGenerator.from_pretrained(tiny_checkpoint, attention_backend="flash")
+    for module in attention_modules(adapter.transformer):
+        module.set_processor(DropoutAttention())
+    x, t, cond = toy_inputs(adapter)
+    with pytest.raises(AttentionBackendError) as info:
+        adapter.predict(x, t, cond)
+    message = str(info.value)
+    for word in ["attention_backend = 'flash' (torch SDPA (flash_attention))", "FluxAttention (2 heads)",
+                 "hidden_states (2, 64, 16), encoder_hidden_states (2, 12, 16), float32 on cpu failed",
+                 "No available kernel", "attention_backend: efficient"]:
+        assert word in message, (word, message)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert sdp_flags() == ALL_ON                                  # the context was left on the error too
+
+
+@pytest.mark.filterwarnings("ignore:.*(kernel not used|do not support non-zero dropout)")
+def test_package_route_call_failure_is_wrapped_with_qkv_shapes():
     q = torch.randn(1, 2, 8, 16)
     with pytest.raises(AttentionBackendError) as info:
-        AttentionBackend("flash").attend(q, q, q, dropout_p=0.5)   # torch's CPU flash kernel has no dropout
+        AttentionBackend("flash").attend(q, q, q, dropout_p=0.5)
     message = str(info.value)
     assert "attention_backend = 'flash' (torch SDPA (flash_attention)) failed on q (1, 2, 8, 16)" in message
     assert "No available kernel" in message and "auto" in message
-    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+def test_sdpa_routes_compile_without_graph_breaks(tiny_checkpoint):
+    import torch._dynamo
+    adapter = ToyFluxGenerator.from_pretrained(tiny_checkpoint, attention_backend="math")
+    x, t, cond = toy_inputs(adapter)
+    with torch.no_grad():
+        eager = adapter.predict(x, t, cond)
+    torch._dynamo.reset()
+    # the joint-attention block; fullgraph: a graph break would raise
+    adapter.transformer.transformer_blocks[0].compile(backend="eager", fullgraph=True)
+    with torch.no_grad():
+        compiled = adapter.predict(x, t, cond)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
 
 
 def _fake_package(monkeypatch, name, returns_tuple=False):

@@ -225,53 +225,86 @@ def _package_attention(package: str, q, k, v, dropout_p: float, is_causal: bool,
     return out.transpose(1, 2)
 
 
-class AttentionBackend:
-    """The chosen backend of one denoiser: its name, the model's attention facts, per-call choices.
+def _attention_dtype(hidden: torch.Tensor) -> torch.dtype:
+    """The dtype attention will run in: autocast's when it is on for the device, else the input's."""
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return hidden.dtype
 
-    `attend` has F.scaled_dot_product_attention's signature and semantics; choices are cached per
-    (device, dtype, head_dim, masked, dropout), so the rule runs once per kind of call.
+
+def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    hidden = kwargs.get("hidden_states", args[0] if args else None)
+    if not isinstance(hidden, torch.Tensor):
+        hidden = kwargs.get("sample")          # UNet2DConditionModel's name for its input
+    return hidden if isinstance(hidden, torch.Tensor) else None
+
+
+class AttentionBackend:
+    """The chosen backend of one denoiser: its name, the model's attention facts, the choices made.
+
+    The choice is made per (device, attention dtype) for the whole denoiser (`choice_for`), and
+    per call for the package routes (`attend`, which also sends masked calls of `auto` to SDPA).
     """
 
-    def __init__(self, requested: str, model: str = "model", installed: Collection[str] | None = None):
+    def __init__(self, requested: str, model: str = "model", installed: Collection[str] | None = None,
+                 head_dim: int | None = None, masked: bool = False):
         if requested not in BACKENDS:
             raise ValueError(f"{model}: attention_backend = {requested!r} is not one of {', '.join(BACKENDS)}")
-        self.requested, self.model = requested, model
+        self.requested, self.model, self.head_dim, self.masked = requested, model, head_dim, masked
         self.installed = installed_packages() if installed is None else frozenset(installed)
-        self._choices: dict[tuple, AttentionChoice] = {}
+        self._choices: dict[tuple, AttentionChoice] = {}        # (device, dtype) -> choice
+        self._call_choices: dict[tuple, AttentionChoice] = {}   # package routes: per kind of call
 
-    def check_model(self, head_dim: int | None, masked: bool) -> None:
+    def check_model(self) -> None:
         """Build-time refusal from what the model fixes: packages, head_dim, masks (device still unknown)."""
         if self.requested == "auto":
             return
-        reason = unfit_reason(self.requested, head_dim=head_dim, masked=masked, installed=self.installed)
+        reason = unfit_reason(self.requested, head_dim=self.head_dim, masked=self.masked, installed=self.installed)
         if reason:
             raise _refusal(self.requested, f"the {self.model} denoiser", reason)
 
-    def passthrough(self, device: torch.device | None) -> bool:
-        """True when nothing needs routing: auto on a non-CUDA device (torch's default stands)."""
-        return self.requested == "auto" and device is not None and device.type != "cuda"
+    def describe(self, device: torch.device, dtype: torch.dtype, hidden_shape=None) -> str:
+        shape = "" if hidden_shape is None else f" on hidden_states {tuple(hidden_shape)}"
+        head = "" if self.head_dim is None else f" (head_dim up to {self.head_dim})"
+        mask = ", masked" if self.masked else ""
+        return (f"the {self.model} denoiser's attention{head}{shape}, "
+                f"{str(dtype).replace('torch.', '')} on {device}{mask}")
 
-    def choose(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, masked: bool,
-               dropout: bool) -> AttentionChoice:
-        key = (q.device, q.dtype, q.shape[-1], masked, dropout)
+    def choice_for(self, device: torch.device, dtype: torch.dtype, hidden_shape=None) -> AttentionChoice:
+        """The choice for this denoiser's attention on `device` in `dtype` (cached); raises if it cannot run."""
+        key = (device, dtype)
         choice = self._choices.get(key)
         if choice is None:
-            device_type = q.device.type
-            capability = torch.cuda.get_device_capability(q.device) if device_type == "cuda" else None
-            choice = select_backend(self.requested, device_type, q.dtype, q.shape[-1], masked, dropout,
-                                    self.installed, capability, where=_describe_call(q, k, v, masked))
+            needs_capability = device.type == "cuda" and bool(self.installed)
+            capability = torch.cuda.get_device_capability(device) if needs_capability else None
+            choice = select_backend(self.requested, device.type, dtype, self.head_dim or 0, self.masked, False,
+                                    self.installed, capability, where=self.describe(device, dtype, hidden_shape))
             self._choices[key] = choice
         return choice
+
+    def prepare(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Forward pre-hook of the denoiser: makes the choice before the (maybe compiled) blocks run."""
+        hidden = _hidden_of(args, kwargs)
+        if hidden is not None:
+            self.choice_for(hidden.device, _attention_dtype(hidden), hidden.shape)
 
     def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask=None,
                dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                enable_gqa: bool = False) -> torch.Tensor:
-        """Scaled dot-product attention on (B, H, N, D) tensors through the chosen backend."""
+        """F.scaled_dot_product_attention on (B, H, N, D) tensors for the package routes (per-call choice)."""
         masked = attn_mask is not None
-        choice = self.choose(query, key, value, masked, dropout_p > 0)
+        kind = (query.device, query.dtype, query.shape[-1], masked, dropout_p > 0)
+        choice = self._call_choices.get(kind)
+        if choice is None:
+            capability = torch.cuda.get_device_capability(query.device) if query.is_cuda else None
+            choice = select_backend(self.requested, query.device.type, query.dtype, query.shape[-1], masked,
+                                    dropout_p > 0, self.installed, capability,
+                                    where=_describe_call(query, key, value, masked))
+            self._call_choices[kind] = choice
         kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                       enable_gqa=enable_gqa)
-        if choice.sdpa is None and choice.package is None:
+        if choice.package is None and choice.sdpa is None:
             return _SDPA(query, key, value, **kwargs)
         try:
             if choice.package is not None:
@@ -288,7 +321,7 @@ class AttentionBackend:
 
 
 class AttentionRouter(TorchFunctionMode):
-    """Sends every F.scaled_dot_product_attention call made under it to `backend.attend`."""
+    """Sends every F.scaled_dot_product_attention call made under it to `backend.attend` (package routes)."""
 
     def __init__(self, backend: AttentionBackend):
         super().__init__()
@@ -298,6 +331,28 @@ class AttentionRouter(TorchFunctionMode):
         if func is _SDPA:
             return self.backend.attend(*args, **(kwargs or {}))
         return func(*args, **(kwargs or {}))
+
+
+@torch.compiler.disable
+def _package_forward(cls_forward, module: nn.Module, backend: AttentionBackend, args: tuple, kwargs: dict):
+    """An attention module's forward with its SDPA calls sent to a package kernel.
+
+    torch.compile cannot trace under a TorchFunctionMode, so under compile this module runs
+    eagerly (a graph break around it); the SDPA routes compile without one.
+    """
+    with AttentionRouter(backend):
+        return cls_forward(module, *args, **kwargs)
+
+
+def _module_failure(backend: AttentionBackend, choice: AttentionChoice, module: nn.Module, hidden: torch.Tensor,
+                    kwargs: dict, exc: Exception) -> AttentionBackendError:
+    extra = kwargs.get("encoder_hidden_states")
+    text = f", encoder_hidden_states {tuple(extra.shape)}" if isinstance(extra, torch.Tensor) else ""
+    heads = getattr(module, "heads", "?")
+    return AttentionBackendError(
+        f"attention_backend = {backend.requested!r} ({choice.describe()}): {type(module).__name__} ({heads} heads) on "
+        f"hidden_states {tuple(hidden.shape)}{text}, {str(_attention_dtype(hidden)).replace('torch.', '')} on "
+        f"{hidden.device} failed: {exc}; {FALLBACK_HINT}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,30 +378,36 @@ def head_dims(modules: list[nn.Module]) -> set[int]:
     return dims
 
 
-def _device_of(args: tuple, kwargs: dict) -> torch.device | None:
-    hidden = kwargs.get("hidden_states", args[0] if args else None)
-    return hidden.device if isinstance(hidden, torch.Tensor) else None
-
-
 def _routed(cls_forward, backend: AttentionBackend):
+    """The forward an attention module gets: its class's forward under the chosen backend."""
     def forward(self, *args, **kwargs):
-        if backend.passthrough(_device_of(args, kwargs)):
+        hidden = _hidden_of(args, kwargs)
+        if hidden is None:    # not called the diffusers way: nothing to decide from, torch's choice
             return cls_forward(self, *args, **kwargs)
-        with AttentionRouter(backend):
+        choice = backend.choice_for(hidden.device, _attention_dtype(hidden), hidden.shape)
+        if choice.package is not None:
+            return _package_forward(cls_forward, self, backend, args, kwargs)
+        if choice.sdpa is None:
             return cls_forward(self, *args, **kwargs)
+        try:
+            with sdpa_kernel(list(choice.sdpa)):
+                return cls_forward(self, *args, **kwargs)
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError as exc:
+            raise _module_failure(backend, choice, self, hidden, kwargs, exc) from exc
     return forward
 
 
 def install_attention_backend(denoiser: nn.Module, name: str = "auto", model: str = "model",
                               masked: bool = False, installed: Collection[str] | None = None) -> AttentionBackend:
-    """Route the attention of every diffusers attention module of `denoiser` through backend `name`.
+    """Run the attention of every diffusers attention module of `denoiser` on backend `name`.
 
     masked: the model masks attention (padded text tokens), which the package kernels cannot take.
     Raises ValueError for an unknown name, AttentionBackendError when the model cannot run the
     backend (package missing, head_dim, mask), RuntimeError when installed twice or when the
-    denoiser has no diffusers attention module. Returns the AttentionBackend (its per-call choices).
+    denoiser has no diffusers attention module. Returns the AttentionBackend (its choices).
     """
-    backend = AttentionBackend(name, model, installed)
     modules = attention_modules(denoiser)
     if not modules:
         raise RuntimeError(f"{model}: {type(denoiser).__name__} has no diffusers attention module; "
@@ -354,10 +415,12 @@ def install_attention_backend(denoiser: nn.Module, name: str = "auto", model: st
     if any(_MARK in vars(m) for m in modules):
         raise RuntimeError(f"{model}: an attention backend is already installed on this {type(denoiser).__name__}")
     dims = head_dims(modules)
-    backend.check_model(max(dims) if dims else None, masked)
+    backend = AttentionBackend(name, model, installed, head_dim=max(dims) if dims else None, masked=masked)
+    backend.check_model()
     for module in modules:
         module.forward = types.MethodType(_routed(type(module).forward, backend), module)
         setattr(module, _MARK, name)
+    denoiser.register_forward_pre_hook(backend.prepare, with_kwargs=True)
     return backend
 
 

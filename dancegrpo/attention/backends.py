@@ -8,8 +8,8 @@ One module serves every adapter (toy_flux, sd14, flux, hunyuan_video, skyreels_i
   flash, memory-efficient and math kernels (torch picks among them, in that order). Auto never
   picks cuDNN attention: on an H200 (torch 2.11+cu130) torch's own choice for the FLUX.1-dev
   training step (720x720, bf16) was cuDNN, whose backward failed (`mha_graph.execute(...)
-  .is_good()` false, then an illegal memory access). Never xformers either: its kernel is the
-  one SDPA's memory-efficient backend already ships. On the CPU, auto is torch's default
+  .is_good()` false, then an illegal memory access). Never xformers either: SDPA's
+  memory-efficient backend is built from its kernel. On the CPU, auto is torch's default
   choice, untouched (results are bit for bit those without this module).
 - `flash`, `efficient`, `cudnn`, `math`: torch SDPA restricted to that one kernel
   (`torch.nn.attention.sdpa_kernel`). On the CPU, torch has `math` and `flash` (its CPU flash
@@ -21,21 +21,24 @@ One module serves every adapter (toy_flux, sd14, flux, hunyuan_video, skyreels_i
 
 How it applies. `install_attention_backend(denoiser, name)` replaces the `forward` of every
 diffusers attention module of the denoiser with one that runs the module's own forward under
-`AttentionRouter`, a TorchFunctionMode that sends each `F.scaled_dot_product_attention` call
-made inside (diffusers' native dispatcher, `AttnProcessor2_0`, the sliding-tile processor's dense
-fallback, the Ulysses processor) to `AttentionBackend.attend`. Being on the module, not on the
-processor, it holds whatever processor is installed (STA, Ulysses) and whoever calls the module:
-rollout, the training forward, the activation-checkpointing recompute inside backward,
-evaluation, the KL reference copy. SDPA's backward runs the kernel its forward chose; the
-packages' autograd functions bring their own backward. diffusers' dispatcher
-(`set_attention_backend`) is not used: SD v1.4's UNet processor calls SDPA directly, it has no
-"SDPA without cuDNN" choice, and its flash backends refuse HunyuanVideo's text mask.
+`torch.nn.attention.sdpa_kernel(<the chosen kernels>)`, so every SDPA call inside it (diffusers'
+native dispatcher, `AttnProcessor2_0`, the sliding-tile processor's dense fallback, the Ulysses
+processor) is held to them. The package routes instead run the module under `AttentionRouter`,
+a TorchFunctionMode sending those SDPA calls to the package (torch.compile cannot trace under a
+mode, so under compile such a module runs eagerly; the SDPA routes compile fullgraph). Being on
+the module, not on the processor, the choice holds whatever processor is installed (STA,
+Ulysses) and whoever calls the module: rollout, the training forward, the activation-
+checkpointing recompute inside backward, evaluation, the KL reference copy. SDPA's backward runs
+the kernel its forward chose; the packages' autograd functions bring their own backward.
+diffusers' dispatcher (`set_attention_backend`) is not used: SD v1.4's UNet processor calls SDPA
+directly, it has no "SDPA without cuDNN" choice, and its flash backends refuse HunyuanVideo's mask.
 
 When it is checked. The name at config load (`config_problems`, with the device: a CUDA-only
 kernel on `run.device: cpu` is refused there); the package, the head dims and the mask at
-install (adapter build); the device, dtype and capability at the first attention call, before
-any kernel runs. A kernel that still fails raises `AttentionBackendError` naming the backend,
-the q/k/v shapes and dtype, and the fix.
+install (adapter build); the device, attention dtype (autocast's if on) and capability when the
+denoiser is first called (a forward pre-hook), before any kernel runs. A kernel that still fails
+raises `AttentionBackendError` naming the backend, the module and its input shapes and dtype (the
+q/k/v shapes on the package routes), and the fix.
 """
 from __future__ import annotations
 

@@ -431,3 +431,20 @@ def test_trainer_rollout_and_training_forward_use_the_chosen_backend(tiny_config
     trainer.train(progress=False)
     assert {c["grad"] for c in spy.calls} == {False, True}          # rollout (no grad) and training (grad)
     assert all(c["flags"] == ONLY_MATH for c in spy.calls)
+
+
+def test_auto_on_a_simulated_hopper_holds_every_attention_call_off_cudnn(tiny_checkpoint, monkeypatch):
+    real = backends_module.select_backend
+
+    def as_if_on_an_h200(requested, device_type, dtype, head_dim, masked=False, dropout=False, installed=(),
+                         capability=None, where=""):
+        return real(requested, "cuda", dtype, head_dim, masked, dropout, installed, (9, 0), where)
+
+    monkeypatch.setattr(backends_module, "select_backend", as_if_on_an_h200)
+    monkeypatch.setattr(backends_module, "installed_packages", lambda: frozenset())
+    adapter = ToyFluxGenerator.from_pretrained(tiny_checkpoint)          # auto
+    x, t, cond = toy_inputs(adapter)
+    with SDPASpy() as spy:
+        adapter.predict(x, t, cond).square().mean().backward()
+    assert spy.calls and all(c["flags"] == (True, True, True, False) for c in spy.calls)   # math, flash, efficient
+    assert sdp_flags() == ALL_ON

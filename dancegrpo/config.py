@@ -316,6 +316,8 @@ class Config:
                                 f"rewards.{first_index[reward.name]}.name: reward names must be "
                                 "unique because they become metric names")
             first_index.setdefault(reward.name, i)
+        from .attention.backends import config_problems as attention_problems
+        problems += attention_problems(self.model.options, self.run.device)
         k, n = self.grpo.best_of_n_keep, self.grpo.group_size
         if k is not None and 2 * k > n:
             problems.append(f"grpo.best_of_n_keep = {k} is out of range: must satisfy "

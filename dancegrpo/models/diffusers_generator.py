@@ -27,6 +27,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from ..attention.backends import BACKENDS as ATTENTION_BACKENDS
+from ..attention.backends import install_attention_backend
 from .base import Conditioning, FrozenReference
 from .checkpoint_layout import Component, check_layout, read_json
 from .lora import LoraOptions, LoraParameters, apply_lora, save_merged
@@ -47,6 +49,7 @@ class GeneratorOptions:
     frozen_dtype: str = "float32"      # VAE (and LoRA's frozen base weights): float32 | bfloat16 | float16
     decode_batch_size: int = 4         # samples per VAE decode call (memory)
     save_frozen: str = "link"          # how save_pretrained provides vae/, text encoders...: link | copy | none
+    attention_backend: str = "auto"    # auto | flash | efficient | cudnn | math | flash_attn | flash_attn3 | xformers
 
     def validate(self) -> list[str]:
         problems = []
@@ -58,6 +61,9 @@ class GeneratorOptions:
             problems.append(f"decode_batch_size = {self.decode_batch_size} must be >= 1")
         if self.save_frozen not in ("link", "copy", "none"):
             problems.append(f"save_frozen = {self.save_frozen!r} must be link, copy or none")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            problems.append(f"attention_backend = {self.attention_backend!r} must be one of "
+                            f"{', '.join(ATTENTION_BACKENDS)}")
         if self.lora is not None:
             problems += self.lora_options().validate()
         return problems
@@ -118,6 +124,7 @@ class DiffusersGenerator(nn.Module):
     options_class: ClassVar[type] = GeneratorOptions
     cache_models: ClassVar[tuple[str, ...]] = ()     # prompt caches this adapter can read
     needs_empty_prompt: ClassVar[bool] = False       # CFG: the cache must hold the empty prompt
+    attention_masked: ClassVar[bool] = False         # the denoiser masks attention (padded text tokens)
 
     def __init__(self, source: Path, denoiser: nn.Module, vae: nn.Module, cache: PromptCache, options):
         super().__init__()
@@ -137,6 +144,9 @@ class DiffusersGenerator(nn.Module):
                     p.data = p.data.float()
             self._lora_params = LoraParameters(denoiser)
         setattr(self, self.denoiser_attr, denoiser)
+        # every attention of the denoiser through the chosen kernel (dancegrpo/attention/backends.py)
+        self.attention_backend = install_attention_backend(denoiser, options.attention_backend, self.model_name,
+                                                           masked=self.attention_masked)
         if self.needs_empty_prompt and EMPTY_PROMPT not in cache:
             raise ValueError(f"prompt cache {str(cache.directory)!r} lacks the empty prompt this model needs for "
                              "classifier-free guidance; rerun `dancegrpo preprocess` (it adds it)")

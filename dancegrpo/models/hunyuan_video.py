@@ -54,6 +54,7 @@ class HunyuanVideoGenerator(DiffusersGenerator):
     denoiser_attr = "transformer"
     options_class = HunyuanVideoOptions
     cache_models = ("hunyuan_video",)
+    attention_masked = True   # the joint attention and the token refiner mask padded text tokens
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -31,6 +31,7 @@ from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..attention.backends import install_attention_backend
 from ..messages import short_repr, some_of
 from .base import Conditioning
 
@@ -150,9 +151,11 @@ class ToyFluxGenerator(nn.Module):
 
     def __init__(self, transformer: FluxTransformer2DModel, text_encoder: ToyTextEncoder,
                  image_size: int = 32, guidance_scale: float = 1.0, output_size: int | None = None,
-                 vae: AutoencoderKL | None = None):
+                 vae: AutoencoderKL | None = None, attention_backend: str = "auto"):
         super().__init__()
         self.transformer = transformer
+        # the transformer's attention through the chosen kernel (dancegrpo/attention/backends.py)
+        self.attention_backend = install_attention_backend(transformer, attention_backend, "toy_flux")
         self.text_encoder = text_encoder.requires_grad_(False).eval()
         self.vae = vae.requires_grad_(False).eval() if vae is not None else None
         # Pixel mode: 2x2 space-to-depth; latent mode: the VAE's downsampling. Then FLUX's 2x2 packing.
@@ -233,7 +236,8 @@ class ToyFluxGenerator(nn.Module):
              "latent_space": "vae" if self.vae is not None else "pixels"}, indent=2))
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike = "", guidance_scale: float = 1.0) -> "ToyFluxGenerator":
+    def from_pretrained(cls, directory: str | os.PathLike = "", guidance_scale: float = 1.0,
+                        attention_backend: str = "auto") -> "ToyFluxGenerator":
         directory = Path(directory) if directory else EMBEDDED_CHECKPOINT
         index = directory / "model_index.json"
         if not index.is_file():
@@ -251,7 +255,7 @@ class ToyFluxGenerator(nn.Module):
                                         "AutoencoderKL (config.json + diffusion_pytorch_model.safetensors)")
             vae = AutoencoderKL.from_pretrained(directory, subfolder="vae")
         return cls(transformer, text_encoder, image_size=meta["image_size"], guidance_scale=guidance_scale,
-                   output_size=meta.get("output_size"), vae=vae)
+                   output_size=meta.get("output_size"), vae=vae, attention_backend=attention_backend)
 
 
 def vae_downsampling(vae: AutoencoderKL) -> int:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 
 from . import sde
+from .ops.schedule import step_table
+from .ops.validation import require_positive_std
 
 
 class _StepNoise:
@@ -25,6 +27,9 @@ class _StepNoise:
         if not 0 <= start < end <= num_steps:
             raise ValueError(f"sde_window {sde_window} must be [start, end) with 0 <= start < end <= {num_steps}")
         self.eta = eta
+        self._tables: dict = {}  # (dtype, device) -> [coefficient table, std, validated]
+        #: how many coefficient tables were built (one per dtype and device; see step_coefficients)
+        self.table_builds = 0
         self.stochastic = torch.zeros(num_steps, dtype=torch.bool, device=device)
         if eta > 0:
             self.stochastic[start:end] = True
@@ -37,6 +42,32 @@ class _StepNoise:
 
     def _to_noise(self, device) -> None:
         self.stochastic = self.stochastic.to(device)
+        self._tables = {}
+
+    # ------------------------------------------------------------ fused-step coefficients
+    def step_coefficients(self, dtype: torch.dtype = torch.float32, device=None, validate: bool = True) -> torch.Tensor:
+        """The fused SDE step's coefficient table of this sampler: (num_steps, 4) float64 on `device`.
+
+        Row i holds (coef_x, coef_v, std, log std) of step i at the sampler's eta (the mean of
+        step i is coef_x * x + coef_v * model_output; see dancegrpo.ops.schedule), computed in
+        the compute dtype `dtype` (float32, or float64 for float64 latents) by the formulas of
+        dancegrpo.ops.schedule. Built once per (dtype, device) on the CPU, where std > 0 is
+        checked once for every step (ValueError naming the steps; skipped with validate=False),
+        then copied to `device` (default: the sampler's): every later call is a dictionary
+        lookup, with no host work and no host sync, as a CUDA-graph capture needs.
+        """
+        device = torch.device(device) if device is not None else self._device()
+        key = (dtype, device)
+        entry = self._tables.get(key)
+        if entry is None:
+            table, std = step_table(self.prediction, self.num_steps, dtype, torch.device("cpu"),
+                                    eta=self.eta, **self._table_schedule())
+            entry = self._tables[key] = [table.to(device), std, False]
+            self.table_builds += 1
+        if validate and not entry[2]:
+            require_positive_std(entry[1])
+            entry[2] = True
+        return entry[0]
 
 
 class FlowSampler(_StepNoise):
@@ -53,6 +84,14 @@ class FlowSampler(_StepNoise):
 
     def model_time(self, step: torch.Tensor) -> torch.Tensor:
         return self.sigmas[step]
+
+    def _device(self) -> torch.device:
+        return self.sigmas.device
+
+    def _table_schedule(self) -> dict:
+        sigmas = self.sigmas.cpu()
+        return dict(sigma=sigmas[:-1], sigma_next=sigmas[1:], form=self.form,
+                    sigma_max=sigmas[1] if self.form == "flow_grpo" else None)
 
     def mean_std(self, model_output, sample, step: torch.Tensor, eta: float | None = None):
         return sde.flow_step_mean_std(
@@ -81,6 +120,12 @@ class DDIMSampler(_StepNoise):
 
     def model_time(self, step: torch.Tensor) -> torch.Tensor:
         return self.timesteps[step]
+
+    def _device(self) -> torch.device:
+        return self.abar_t.device
+
+    def _table_schedule(self) -> dict:
+        return dict(abar_t=self.abar_t.cpu(), abar_prev=self.abar_prev.cpu())
 
     def mean_std(self, model_output, sample, step: torch.Tensor, eta: float | None = None):
         return sde.ddim_step_mean_std(model_output, sample, self.abar_t[step], self.abar_prev[step],

@@ -47,6 +47,7 @@ def set_default_backend(name: str | None) -> None:
     """
     global _configured
     _configured = None if name is None else _check_name(name, "set_default_backend")
+    clear_cache()
 
 
 def _triton_interpreted() -> bool:
@@ -154,6 +155,29 @@ def _resolve(backend: str | None, device: torch.device) -> str:
         log.info("dancegrpo.ops: no compiled kernels for %s tensors (%s), using the torch reference ops",
                  device.type, " / ".join(_usable(c, device)[1] for c in preference))
     return "torch"
+
+
+# (backend argument, DANCEGRPO_OPS_BACKEND, device type) -> (backend name, its kernels module or None)
+_resolved: dict[tuple, tuple[str, ModuleType | None]] = {}
+
+
+def clear_cache() -> None:
+    """Forget the backends resolved so far (set_default_backend does this itself)."""
+    _resolved.clear()
+
+
+def kernels_for(backend: str | None, device: torch.device) -> tuple[str, ModuleType | None]:
+    """The backend that runs an op on `device` tensors and its kernels (None for "torch").
+
+    The eager hot path: resolved once per (argument, environment variable, device type) and
+    then a dictionary lookup. Not for use under torch.compile (see `resolve_backend`).
+    """
+    key = (backend, os.environ.get(ENV_VAR), device.type)
+    hit = _resolved.get(key)
+    if hit is None:
+        name = _resolve(backend, device)
+        hit = _resolved[key] = (name, None if name == "torch" else kernels_module(name))
+    return hit
 
 
 def op_range(op: str, backend: str):

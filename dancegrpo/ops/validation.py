@@ -1,8 +1,26 @@
 """Input checks shared by the op dispatchers, with messages that say what to change."""
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
+
+CHECK_ENV_VAR = "DANCEGRPO_OPS_CHECK"
+_debug_checks = os.environ.get(CHECK_ENV_VAR, "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+def set_debug_checks(enabled: bool) -> None:
+    """Turn the per-call debug checks of the fused ops on or off (default: the environment
+    variable DANCEGRPO_OPS_CHECK=1 at import). They read tensor values (host syncs on a GPU):
+    every step index within the sampler's steps. Without them a schedule is validated once,
+    when its coefficient table is built, and each call checks only tensor metadata."""
+    global _debug_checks
+    _debug_checks = bool(enabled)
+
+
+def debug_checks() -> bool:
+    return _debug_checks
 
 _LOW_PRECISION = (torch.bfloat16, torch.float16)
 _FLOATS = (torch.float32, torch.float64, torch.bfloat16, torch.float16)

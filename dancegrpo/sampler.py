@@ -17,6 +17,7 @@ import torch
 from . import sde
 from .ops.schedule import step_table
 from .ops.validation import require_positive_std
+from .cuda_graph import check_cuda_graph
 
 
 class _StepNoise:
@@ -35,6 +36,12 @@ class _StepNoise:
             self.stochastic[start:end] = True
         #: the steps that have a log-prob, i.e. the ones GRPO can train on
         self.stochastic_steps: list[int] = self.stochastic.nonzero().flatten().tolist()
+
+    def _init_graph(self, cuda_graph: bool, device) -> None:
+        if cuda_graph:
+            check_cuda_graph(device)
+        #: replay each rollout chunk's whole denoising loop from a CUDA graph (dancegrpo.cuda_graph)
+        self.cuda_graph = bool(cuda_graph)
 
     def eta_at(self, step: torch.Tensor, eta: float | None = None) -> torch.Tensor:
         eta = self.eta if eta is None else eta
@@ -76,8 +83,9 @@ class FlowSampler(_StepNoise):
     prediction = "flow"
 
     def __init__(self, num_steps: int, shift: float, eta: float, form: str = "dancegrpo", device=None,
-                 sde_window=None):
+                 sde_window=None, cuda_graph: bool = False):
         self.num_steps = num_steps
+        self._init_graph(cuda_graph, device)
         self._init_noise(num_steps, eta, sde_window, device)
         self.form = form
         self.sigmas = sde.flow_sigmas(num_steps, shift, device=device)
@@ -110,8 +118,9 @@ class DDIMSampler(_StepNoise):
     prediction = "ddim"
 
     def __init__(self, num_steps: int, eta: float, alphas_cumprod: torch.Tensor | None = None,
-                 steps_offset: int = 1, device=None, sde_window=None):
+                 steps_offset: int = 1, device=None, sde_window=None, cuda_graph: bool = False):
         self.num_steps = num_steps
+        self._init_graph(cuda_graph, device)
         self._init_noise(num_steps, eta, sde_window, device)
         alphas_cumprod = sde.ddim_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
         self.timesteps = sde.ddim_timesteps(num_steps, len(alphas_cumprod), steps_offset=steps_offset).to(device)
@@ -139,9 +148,11 @@ class DDIMSampler(_StepNoise):
 
 
 def build_sampler(prediction: str, num_steps: int, eta: float, shift: float = 1.0,
-                  form: str = "dancegrpo", device=None, sde_window=None):
+                  form: str = "dancegrpo", device=None, sde_window=None, cuda_graph: bool = False):
+    """A FlowSampler or DDIMSampler; ``cuda_graph`` (CUDA only, else ValueError) makes rollouts
+    replay each chunk's denoising loop from a CUDA graph (see dancegrpo.cuda_graph)."""
     if prediction == "flow":
-        return FlowSampler(num_steps, shift, eta, form, device=device, sde_window=sde_window)
+        return FlowSampler(num_steps, shift, eta, form, device=device, sde_window=sde_window, cuda_graph=cuda_graph)
     if prediction == "ddim":
-        return DDIMSampler(num_steps, eta, device=device, sde_window=sde_window)
+        return DDIMSampler(num_steps, eta, device=device, sde_window=sde_window, cuda_graph=cuda_graph)
     raise ValueError(f"unknown model prediction type {prediction!r}: expected 'flow' or 'ddim'")

@@ -63,6 +63,9 @@ class _StepNoise:
         then copied to `device` (default: the sampler's): every later call is a dictionary
         lookup, with no host work and no host sync, as a CUDA-graph capture needs.
         """
+        entry = self._tables.get((dtype, device))  # the hot path: a lookup with the caller's own key
+        if entry is not None and (entry[2] or not validate):
+            return entry[0]
         device = torch.device(device) if device is not None else self._device()
         key = (dtype, device)
         entry = self._tables.get(key)

@@ -86,16 +86,26 @@ def fused_sde_step(
     """
     action, action_name = _action(noise, prev_sample)
     check_latents(model_output, sample, action, action_name)
-    schedule = dict(sigma=sigma, sigma_next=sigma_next, eta=eta, form=form, sigma_max=sigma_max, abar_t=abar_t,
-                    abar_prev=abar_prev)
     compiling = torch.compiler.is_compiling()
     name, kernels = (resolve_backend(backend, sample.device), None) if compiling else kernels_for(backend,
                                                                                                     sample.device)
+    key = None
+    if (kernels is not None and type(sigma) in _SCALARS and type(sigma_next) in _SCALARS and type(eta) in _SCALARS
+            and type(sigma_max) in _SCALARS and type(abar_t) in _SCALARS and type(abar_prev) in _SCALARS):
+        # float schedule values: their table is built and validated once, then looked up
+        key = (prediction, form, sigma, sigma_next, eta, sigma_max, abar_t, abar_prev, sample.dtype == torch.float64,
+               sample.device)
+        entry = _float_tables.get(key)
+        if entry is not None and (entry[2] or not validate):
+            return _launch(name, kernels, model_output, sample, noise, prev_sample, entry[0], None)
+    schedule = dict(sigma=sigma, sigma_next=sigma_next, eta=eta, form=form, sigma_max=sigma_max, abar_t=abar_t,
+                    abar_prev=abar_prev)
     if name == "torch":
         _check_schedule(prediction, schedule, sample.shape[0])
         return _torch_step(model_output, sample, prediction, noise, prev_sample, validate, schedule)
-    coefs = None if compiling else _cached_float_table(prediction, schedule, sample, validate)
-    if coefs is None:
+    if key is not None:
+        coefs = _float_table(key, prediction, schedule, sample, validate)
+    else:
         _check_schedule(prediction, schedule, sample.shape[0])
         coefs, std = step_table(prediction, sample.shape[0], compute_dtype(sample), sample.device, **schedule)
         if validate:
@@ -136,7 +146,8 @@ def sampler_step(sampler, model_output: Tensor, sample: Tensor, step: Tensor, *,
         raise ValueError(f"step must be an int64 tensor of shape ({sample.shape[0]},) on {sample.device}, got "
                          + (f"{step.dtype} {tuple(step.shape)} on {step.device}" if isinstance(step, Tensor)
                             else type(step).__name__))
-    coefs = sampler.step_coefficients(compute_dtype(sample), sample.device, validate=validate)
+    coefs = sampler.step_coefficients(torch.float64 if sample.dtype == torch.float64 else torch.float32,
+                                      sample.device, validate=validate)
     if debug_checks() and not compiling:
         bad = (step < 0) | (step >= coefs.shape[0])
         if bool(bad.any()):
@@ -171,17 +182,11 @@ def _launch(name, kernels, model_output, sample, noise, prev_sample, coefs, inde
     return SdeStepOutput(prev_sample, kernels.sde_step_log_prob(model_output, sample, prev_sample, coefs, index))
 
 
-def _is_float(v) -> bool:
-    return v is None or type(v) is float or type(v) is int
+_SCALARS = (float, int, type(None))
 
 
-def _cached_float_table(prediction, schedule, sample, validate) -> Tensor | None:
-    """The single-row table of an all-float schedule (built and validated once), else None."""
-    values = (schedule["sigma"], schedule["sigma_next"], schedule["eta"], schedule["sigma_max"], schedule["abar_t"],
-              schedule["abar_prev"])
-    if not all(_is_float(v) for v in values):
-        return None
-    key = (prediction, schedule["form"], *values, sample.dtype == torch.float64, sample.device)
+def _float_table(key, prediction, schedule, sample, validate) -> Tensor:
+    """Build (once) and validate (once) the single-row table of an all-float schedule."""
     entry = _float_tables.get(key)
     if entry is None:
         _check_schedule(prediction, schedule, sample.shape[0])

@@ -12,7 +12,6 @@ any built extension it falls back to torch and says so once in the log.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -20,7 +19,6 @@ from types import ModuleType
 
 import torch
 
-from ..profiling import nvtx_range
 from .extension import load_extension
 
 log = logging.getLogger(__name__)
@@ -178,10 +176,3 @@ def kernels_for(backend: str | None, device: torch.device) -> tuple[str, ModuleT
         name = _resolve(backend, device)
         hit = _resolved[key] = (name, None if name == "torch" else kernels_module(name))
     return hit
-
-
-def op_range(op: str, backend: str):
-    """An NVTX range around one op call, named after the op and its backend (none under compile)."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return nvtx_range(f"ops.{op}[{backend}]")

@@ -105,8 +105,10 @@ void sde_step_log_prob_cuda(const SdeStepProblem& p, const void* prev, void* log
                             void* stream);
 void sde_step_backward_cuda(const SdeStepProblem& p, const void* prev, const void* grad_log_prob, void* grad_v,
                             void* stream);
-// Elements per CUDA block of the SDE kernels (more, smaller chunks than on the CPU to fill the GPU).
-constexpr int64_t kCudaSdeChunk = 4096;
+// Elements per CUDA block of the SDE kernels (4 per thread): small, so that even one video
+// latent (1x16x14x60x60: 788 blocks) or a batch of images (8x16x90x90: 1016 blocks) gives
+// every SM of an H100/H200 several blocks, while the final per-sample sum stays short.
+constexpr int64_t kCudaSdeChunk = 1024;
 inline int64_t sde_cuda_chunks(int64_t numel) { return numel == 0 ? 1 : (numel + kCudaSdeChunk - 1) / kCudaSdeChunk; }
 // Workspace of the SDE kernels: one double per (sample, CUDA chunk), then one counter per sample.
 inline int64_t sde_workspace_bytes(int64_t batch, int64_t numel) {

@@ -117,6 +117,8 @@ class SamplerConfig:
     # [start, end): the only steps that inject noise (and are trained); the others are ODE
     # steps. None = every step is stochastic. See FlowSampler.
     sde_window: list[int] | None = None
+    # Replay each rollout chunk's denoising loop from a CUDA graph (CUDA only; see dancegrpo.cuda_graph).
+    cuda_graph: bool = False
 
     def validate(self) -> list[str]:
         window = self.sde_window
@@ -130,6 +132,7 @@ class SamplerConfig:
             _one_of("sde_form", self.sde_form, ("dancegrpo", "flow_grpo")),
             _rule("eval_num_steps", self.eval_num_steps,
                   self.eval_num_steps is None or self.eval_num_steps >= 1, ">= 1 (or null)"),
+            _rule("cuda_graph", self.cuda_graph, isinstance(self.cuda_graph, bool), "true or false"),
         )
 
 

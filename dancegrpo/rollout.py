@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from . import ops, sde
+from .cuda_graph import graphed_rollout
 from .models.base import Conditioning, index_cond
 from .profiling import nvtx_range
 
@@ -44,6 +45,9 @@ def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Ten
     `on_chunk_done(rows, final_latents)` is called as each chunk finishes, in order, with a
     copy of its final latents (e.g. to start scoring it while the next chunk samples).
     """
+    if getattr(sampler, "cuda_graph", False):  # the same loop, replayed from a CUDA graph per chunk
+        return graphed_rollout(adapter, sampler, cond, initial_latents, chunk_size, generator, reduce, progress,
+                               on_chunk_done)
     num_samples, steps = initial_latents.shape[0], sampler.num_steps
     latents = initial_latents.new_empty((num_samples, steps + 1, *initial_latents.shape[1:]))
     latents[:, 0] = initial_latents

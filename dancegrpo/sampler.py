@@ -15,6 +15,9 @@ from __future__ import annotations
 import torch
 
 from . import sde
+from .ops.schedule import step_table
+from .ops.validation import require_positive_std
+from .cuda_graph import check_cuda_graph
 
 
 class _StepNoise:
@@ -25,11 +28,20 @@ class _StepNoise:
         if not 0 <= start < end <= num_steps:
             raise ValueError(f"sde_window {sde_window} must be [start, end) with 0 <= start < end <= {num_steps}")
         self.eta = eta
+        self._tables: dict = {}  # (dtype, device) -> [coefficient table, std, validated]
+        #: how many coefficient tables were built (one per dtype and device; see step_coefficients)
+        self.table_builds = 0
         self.stochastic = torch.zeros(num_steps, dtype=torch.bool, device=device)
         if eta > 0:
             self.stochastic[start:end] = True
         #: the steps that have a log-prob, i.e. the ones GRPO can train on
         self.stochastic_steps: list[int] = self.stochastic.nonzero().flatten().tolist()
+
+    def _init_graph(self, cuda_graph: bool, device) -> None:
+        if cuda_graph:
+            check_cuda_graph(device)
+        #: replay each rollout chunk's whole denoising loop from a CUDA graph (dancegrpo.cuda_graph)
+        self.cuda_graph = bool(cuda_graph)
 
     def eta_at(self, step: torch.Tensor, eta: float | None = None) -> torch.Tensor:
         eta = self.eta if eta is None else eta
@@ -37,6 +49,35 @@ class _StepNoise:
 
     def _to_noise(self, device) -> None:
         self.stochastic = self.stochastic.to(device)
+        self._tables = {}
+
+    # ------------------------------------------------------------ fused-step coefficients
+    def step_coefficients(self, dtype: torch.dtype = torch.float32, device=None, validate: bool = True) -> torch.Tensor:
+        """The fused SDE step's coefficient table of this sampler: (num_steps, 4) float64 on `device`.
+
+        Row i holds (coef_x, coef_v, std, log std) of step i at the sampler's eta (the mean of
+        step i is coef_x * x + coef_v * model_output; see dancegrpo.ops.schedule), computed in
+        the compute dtype `dtype` (float32, or float64 for float64 latents) by the formulas of
+        dancegrpo.ops.schedule. Built once per (dtype, device) on the CPU, where std > 0 is
+        checked once for every step (ValueError naming the steps; skipped with validate=False),
+        then copied to `device` (default: the sampler's): every later call is a dictionary
+        lookup, with no host work and no host sync, as a CUDA-graph capture needs.
+        """
+        entry = self._tables.get((dtype, device))  # the hot path: a lookup with the caller's own key
+        if entry is not None and (entry[2] or not validate):
+            return entry[0]
+        device = torch.device(device) if device is not None else self._device()
+        key = (dtype, device)
+        entry = self._tables.get(key)
+        if entry is None:
+            table, std = step_table(self.prediction, self.num_steps, dtype, torch.device("cpu"),
+                                    eta=self.eta, **self._table_schedule())
+            entry = self._tables[key] = [table.to(device), std, False]
+            self.table_builds += 1
+        if validate and not entry[2]:
+            require_positive_std(entry[1])
+            entry[2] = True
+        return entry[0]
 
 
 class FlowSampler(_StepNoise):
@@ -45,14 +86,23 @@ class FlowSampler(_StepNoise):
     prediction = "flow"
 
     def __init__(self, num_steps: int, shift: float, eta: float, form: str = "dancegrpo", device=None,
-                 sde_window=None):
+                 sde_window=None, cuda_graph: bool = False):
         self.num_steps = num_steps
+        self._init_graph(cuda_graph, device)
         self._init_noise(num_steps, eta, sde_window, device)
         self.form = form
         self.sigmas = sde.flow_sigmas(num_steps, shift, device=device)
 
     def model_time(self, step: torch.Tensor) -> torch.Tensor:
         return self.sigmas[step]
+
+    def _device(self) -> torch.device:
+        return self.sigmas.device
+
+    def _table_schedule(self) -> dict:
+        sigmas = self.sigmas.cpu()
+        return dict(sigma=sigmas[:-1], sigma_next=sigmas[1:], form=self.form,
+                    sigma_max=sigmas[1] if self.form == "flow_grpo" else None)
 
     def mean_std(self, model_output, sample, step: torch.Tensor, eta: float | None = None):
         return sde.flow_step_mean_std(
@@ -71,8 +121,9 @@ class DDIMSampler(_StepNoise):
     prediction = "ddim"
 
     def __init__(self, num_steps: int, eta: float, alphas_cumprod: torch.Tensor | None = None,
-                 steps_offset: int = 1, device=None, sde_window=None):
+                 steps_offset: int = 1, device=None, sde_window=None, cuda_graph: bool = False):
         self.num_steps = num_steps
+        self._init_graph(cuda_graph, device)
         self._init_noise(num_steps, eta, sde_window, device)
         alphas_cumprod = sde.ddim_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod
         self.timesteps = sde.ddim_timesteps(num_steps, len(alphas_cumprod), steps_offset=steps_offset).to(device)
@@ -81,6 +132,12 @@ class DDIMSampler(_StepNoise):
 
     def model_time(self, step: torch.Tensor) -> torch.Tensor:
         return self.timesteps[step]
+
+    def _device(self) -> torch.device:
+        return self.abar_t.device
+
+    def _table_schedule(self) -> dict:
+        return dict(abar_t=self.abar_t.cpu(), abar_prev=self.abar_prev.cpu())
 
     def mean_std(self, model_output, sample, step: torch.Tensor, eta: float | None = None):
         return sde.ddim_step_mean_std(model_output, sample, self.abar_t[step], self.abar_prev[step],
@@ -94,9 +151,11 @@ class DDIMSampler(_StepNoise):
 
 
 def build_sampler(prediction: str, num_steps: int, eta: float, shift: float = 1.0,
-                  form: str = "dancegrpo", device=None, sde_window=None):
+                  form: str = "dancegrpo", device=None, sde_window=None, cuda_graph: bool = False):
+    """A FlowSampler or DDIMSampler; ``cuda_graph`` (CUDA only, else ValueError) makes rollouts
+    replay each chunk's denoising loop from a CUDA graph (see dancegrpo.cuda_graph)."""
     if prediction == "flow":
-        return FlowSampler(num_steps, shift, eta, form, device=device, sde_window=sde_window)
+        return FlowSampler(num_steps, shift, eta, form, device=device, sde_window=sde_window, cuda_graph=cuda_graph)
     if prediction == "ddim":
-        return DDIMSampler(num_steps, eta, device=device, sde_window=sde_window)
+        return DDIMSampler(num_steps, eta, device=device, sde_window=sde_window, cuda_graph=cuda_graph)
     raise ValueError(f"unknown model prediction type {prediction!r}: expected 'flow' or 'ddim'")

@@ -274,7 +274,7 @@ class Trainer:
             broadcast_parameters(self.policy)  # every rank starts from rank 0's weights
         self.sampler = build_sampler(self.adapter.prediction, cfg.sampler.num_steps, cfg.sampler.eta,
                                      cfg.sampler.shift, cfg.sampler.sde_form, device=self.device,
-                                     sde_window=cfg.sampler.sde_window)
+                                     sde_window=cfg.sampler.sde_window, cuda_graph=cfg.sampler.cuda_graph)
         self.eval_sampler = build_sampler(self.adapter.prediction, cfg.sampler.eval_num_steps or cfg.sampler.num_steps,
                                           0.0, cfg.sampler.shift, cfg.sampler.sde_form, device=self.device)
         sta = getattr(self.adapter, "sta", None)

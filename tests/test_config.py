@@ -32,6 +32,7 @@ FULL_YAML = textwrap.dedent("""\
       sde_form: flow_grpo
       eval_num_steps: 28
       sde_window: [0, 8]
+      cuda_graph: false
     data:
       train_prompts: prompts/train.txt
       eval_prompts: toy:eval

@@ -15,39 +15,38 @@ using namespace dancegrpo::binding;
 constexpr auto kCPU = at::DeviceType::CPU;
 
 std::tuple<at::Tensor, at::Tensor> sde_step_sample(const at::Tensor& model_output, const at::Tensor& sample,
-                                                   const at::Tensor& noise, const at::Tensor& coef_x,
-                                                   const at::Tensor& coef_v, const at::Tensor& std) {
-  auto in = prepare_sde(model_output, sample, noise, "noise", coef_x, coef_v, std, kCPU);
+                                                   const at::Tensor& noise, const at::Tensor& coefs,
+                                                   const std::optional<at::Tensor>& index) {
+  auto in = prepare_sde(model_output, sample, noise, "noise", coefs, index, kCPU);
   auto next = at::empty_like(in.sample);
-  auto sumsq = at::empty({in.problem.batch}, sample.options().dtype(at::kDouble));
+  auto log_prob = at::empty({in.problem.batch}, sample.options().dtype(in.compute));
   {
     pybind11::gil_scoped_release no_gil;
-    dancegrpo::sde_step_sample_cpu(in.problem, in.std.data_ptr(), in.action.data_ptr(), next.data_ptr(),
-                                   sumsq.data_ptr<double>());
+    dancegrpo::sde_step_sample_cpu(in.problem, in.action.data_ptr(), next.data_ptr(), log_prob.data_ptr());
   }
-  return {next, log_prob_from_sumsq(sumsq, in.std, in.problem.numel)};
+  return {next, log_prob};
 }
 
 at::Tensor sde_step_log_prob(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& prev_sample,
-                             const at::Tensor& coef_x, const at::Tensor& coef_v, const at::Tensor& std) {
-  auto in = prepare_sde(model_output, sample, prev_sample, "prev_sample", coef_x, coef_v, std, kCPU);
-  auto sumsq = at::empty({in.problem.batch}, sample.options().dtype(at::kDouble));
+                             const at::Tensor& coefs, const std::optional<at::Tensor>& index) {
+  auto in = prepare_sde(model_output, sample, prev_sample, "prev_sample", coefs, index, kCPU);
+  auto log_prob = at::empty({in.problem.batch}, sample.options().dtype(in.compute));
   {
     pybind11::gil_scoped_release no_gil;
-    dancegrpo::sde_step_sumsq_cpu(in.problem, in.action.data_ptr(), sumsq.data_ptr<double>());
+    dancegrpo::sde_step_log_prob_cpu(in.problem, in.action.data_ptr(), log_prob.data_ptr());
   }
-  return log_prob_from_sumsq(sumsq, in.std, in.problem.numel);
+  return log_prob;
 }
 
 at::Tensor sde_step_backward(const at::Tensor& grad_logp, const at::Tensor& model_output, const at::Tensor& sample,
-                             const at::Tensor& prev_sample, const at::Tensor& coef_x, const at::Tensor& coef_v,
-                             const at::Tensor& std) {
-  auto in = prepare_sde(model_output, sample, prev_sample, "prev_sample", coef_x, coef_v, std, kCPU);
-  const auto scale = grad_scale(grad_logp, in);
+                             const at::Tensor& prev_sample, const at::Tensor& coefs,
+                             const std::optional<at::Tensor>& index) {
+  auto in = prepare_sde(model_output, sample, prev_sample, "prev_sample", coefs, index, kCPU);
+  const auto grad_logp_c = grad_log_prob_for(grad_logp, in);
   auto grad = at::empty_like(in.model_output);
   {
     pybind11::gil_scoped_release no_gil;
-    dancegrpo::sde_step_backward_cpu(in.problem, in.action.data_ptr(), scale.data_ptr(), grad.data_ptr());
+    dancegrpo::sde_step_backward_cpu(in.problem, in.action.data_ptr(), grad_logp_c.data_ptr(), grad.data_ptr());
   }
   return grad;
 }
@@ -67,11 +66,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clipped_loss(const at
                                 adv_clip_max.has_value(), adv_clip_max.value_or(0.0), ratio.data_ptr(),
                                 grad.data_ptr(), &s);
   }
+  // The means in double, rounded once to the compute dtype, written in place (no tensor ops).
   const double n = static_cast<double>(in.n);
-  auto loss = at::scalar_tensor(s.loss_sum / n, in.new_logp.options());
-  auto stats = at::tensor({s.ratio_sum / n, s.ratio_min, s.ratio_max, static_cast<double>(s.clipped) / n},
-                          in.new_logp.options().dtype(at::kDouble))
-                   .to(in.dtype);
+  const double values[5] = {s.loss_sum / n, s.ratio_sum / n, s.ratio_min, s.ratio_max,
+                            static_cast<double>(s.clipped) / n};
+  auto loss = at::empty({}, in.new_logp.options()), stats = at::empty({4}, in.new_logp.options());
+  AT_DISPATCH_FLOATING_TYPES(in.dtype, "clipped_loss_stats", [&] {
+    *loss.data_ptr<scalar_t>() = static_cast<scalar_t>(values[0]);
+    for (int k = 0; k < 4; ++k) stats.data_ptr<scalar_t>()[k] = static_cast<scalar_t>(values[k + 1]);
+  });
   return {loss, ratio, grad, stats};
 }
 
@@ -79,9 +82,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clipped_loss(const at
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dancegrpo fused ops, CPU kernels (vectorised, OpenMP)";
-  m.def("sde_step_sample", &sde_step_sample, "rollout SDE step: (next_sample, log_prob)");
-  m.def("sde_step_log_prob", &sde_step_log_prob, "training SDE step: log_prob of prev_sample");
-  m.def("sde_step_backward", &sde_step_backward, "gradient of the log-prob w.r.t. model_output");
+  m.def("sde_step_sample", &sde_step_sample, "rollout SDE step: (next_sample, log_prob)", pybind11::arg("model_output"),
+        pybind11::arg("sample"), pybind11::arg("noise"), pybind11::arg("coefs"), pybind11::arg("index") = pybind11::none());
+  m.def("sde_step_log_prob", &sde_step_log_prob, "training SDE step: log_prob of prev_sample",
+        pybind11::arg("model_output"), pybind11::arg("sample"), pybind11::arg("prev_sample"), pybind11::arg("coefs"),
+        pybind11::arg("index") = pybind11::none());
+  m.def("sde_step_backward", &sde_step_backward, "gradient of the log-prob w.r.t. model_output",
+        pybind11::arg("grad_logp"), pybind11::arg("model_output"), pybind11::arg("sample"),
+        pybind11::arg("prev_sample"), pybind11::arg("coefs"), pybind11::arg("index") = pybind11::none());
   m.def("clipped_loss", &clipped_loss, "clipped-ratio loss: (loss, ratio, grad_new, stats)");
   m.attr("source_hash") = pybind11::int_(static_cast<uint64_t>(DANCEGRPO_SOURCE_HASH));
 #ifdef _OPENMP

@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdio>
 #include <stdexcept>
 #include <string>
 
@@ -61,6 +62,10 @@ __device__ __forceinline__ T block_reduce(T value, Op op, T* shared /* kThreads 
   }
   __syncthreads();
   return value;
+}
+
+inline void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) throw std::runtime_error(std::string(what) + " failed: " + cudaGetErrorString(err));
 }
 
 inline void check_launch(const char* what) {

@@ -19,42 +19,42 @@ constexpr auto kCUDA = at::DeviceType::CUDA;
 void* current_stream() { return static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()); }
 
 at::Tensor workspace_for(const SdeInputs& in) {
-  return at::empty({dancegrpo::sde_workspace_size(in.problem.batch, in.problem.numel)},
-                   in.sample.options().dtype(at::kDouble));
+  return at::empty({dancegrpo::sde_workspace_bytes(in.problem.batch, in.problem.numel)},
+                   in.sample.options().dtype(at::kByte));
 }
 
 std::tuple<at::Tensor, at::Tensor> sde_step_sample(const at::Tensor& model_output, const at::Tensor& sample,
-                                                   const at::Tensor& noise, const at::Tensor& coef_x,
-                                                   const at::Tensor& coef_v, const at::Tensor& std) {
+                                                   const at::Tensor& noise, const at::Tensor& coefs,
+                                                   const std::optional<at::Tensor>& index) {
   const c10::cuda::CUDAGuard guard(sample.device());
-  auto in = prepare_sde(model_output, sample, noise, "noise", coef_x, coef_v, std, kCUDA);
+  auto in = prepare_sde(model_output, sample, noise, "noise", coefs, index, kCUDA);
   auto next = at::empty_like(in.sample);
-  auto sumsq = at::empty({in.problem.batch}, sample.options().dtype(at::kDouble));
+  auto log_prob = at::empty({in.problem.batch}, sample.options().dtype(in.compute));
   auto workspace = workspace_for(in);
-  dancegrpo::sde_step_sample_cuda(in.problem, in.std.data_ptr(), in.action.data_ptr(), next.data_ptr(),
-                                  sumsq.data_ptr<double>(), workspace.data_ptr<double>(), current_stream());
-  return {next, log_prob_from_sumsq(sumsq, in.std, in.problem.numel)};
+  dancegrpo::sde_step_sample_cuda(in.problem, in.action.data_ptr(), next.data_ptr(), log_prob.data_ptr(),
+                                  workspace.data_ptr(), current_stream());
+  return {next, log_prob};
 }
 
 at::Tensor sde_step_log_prob(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& prev_sample,
-                             const at::Tensor& coef_x, const at::Tensor& coef_v, const at::Tensor& std) {
+                             const at::Tensor& coefs, const std::optional<at::Tensor>& index) {
   const c10::cuda::CUDAGuard guard(sample.device());
-  auto in = prepare_sde(model_output, sample, prev_sample, "prev_sample", coef_x, coef_v, std, kCUDA);
-  auto sumsq = at::empty({in.problem.batch}, sample.options().dtype(at::kDouble));
+  auto in = prepare_sde(model_output, sample, prev_sample, "prev_sample", coefs, index, kCUDA);
+  auto log_prob = at::empty({in.problem.batch}, sample.options().dtype(in.compute));
   auto workspace = workspace_for(in);
-  dancegrpo::sde_step_sumsq_cuda(in.problem, in.action.data_ptr(), sumsq.data_ptr<double>(),
-                                 workspace.data_ptr<double>(), current_stream());
-  return log_prob_from_sumsq(sumsq, in.std, in.problem.numel);
+  dancegrpo::sde_step_log_prob_cuda(in.problem, in.action.data_ptr(), log_prob.data_ptr(), workspace.data_ptr(),
+                                    current_stream());
+  return log_prob;
 }
 
 at::Tensor sde_step_backward(const at::Tensor& grad_logp, const at::Tensor& model_output, const at::Tensor& sample,
-                             const at::Tensor& prev_sample, const at::Tensor& coef_x, const at::Tensor& coef_v,
-                             const at::Tensor& std) {
+                             const at::Tensor& prev_sample, const at::Tensor& coefs,
+                             const std::optional<at::Tensor>& index) {
   const c10::cuda::CUDAGuard guard(sample.device());
-  auto in = prepare_sde(model_output, sample, prev_sample, "prev_sample", coef_x, coef_v, std, kCUDA);
-  const auto scale = grad_scale(grad_logp, in);
+  auto in = prepare_sde(model_output, sample, prev_sample, "prev_sample", coefs, index, kCUDA);
+  const auto grad_logp_c = grad_log_prob_for(grad_logp, in);
   auto grad = at::empty_like(in.model_output);
-  dancegrpo::sde_step_backward_cuda(in.problem, in.action.data_ptr(), scale.data_ptr(), grad.data_ptr(),
+  dancegrpo::sde_step_backward_cuda(in.problem, in.action.data_ptr(), grad_logp_c.data_ptr(), grad.data_ptr(),
                                     current_stream());
   return grad;
 }
@@ -66,18 +66,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clipped_loss(const at
   const c10::cuda::CUDAGuard guard(new_logp.device());
   auto in = prepare_loss(new_logp, old_logp, advantages, clip_range, kCUDA);
   auto ratio = at::empty({in.n}, in.new_logp.options()), grad = at::empty({in.n}, in.new_logp.options());
-  auto stats64 = at::empty({5}, in.new_logp.options().dtype(at::kDouble));
-  auto workspace = at::empty({dancegrpo::clipped_loss_workspace_size(in.n)}, stats64.options());
+  auto loss = at::empty({}, in.new_logp.options()), stats = at::empty({4}, in.new_logp.options());
+  auto workspace = at::empty({dancegrpo::clipped_loss_workspace_bytes(in.n)}, in.new_logp.options().dtype(at::kByte));
+  // One launch writes every output on the device: no host round trip, nothing built from host values.
   dancegrpo::clipped_loss_cuda(in.n, in.dtype == at::kDouble ? dancegrpo::DType::kFloat64 : dancegrpo::DType::kFloat32,
                                in.new_logp.data_ptr(), in.old_logp.data_ptr(), in.adv.data_ptr(), clip_range,
                                adv_clip_max.has_value(), adv_clip_max.value_or(0.0), ratio.data_ptr(), grad.data_ptr(),
-                               stats64.data_ptr<double>(), workspace.data_ptr<double>(), current_stream());
-  // stats64 = {loss_sum, ratio_sum, ratio_min, ratio_max, clipped}: means on the device, no sync.
-  const double n = static_cast<double>(in.n);
-  auto scale = at::tensor({1.0 / n, 1.0 / n, 1.0, 1.0, 1.0 / n}, stats64.options());
-  auto scaled = (stats64 * scale).to(in.dtype);
-  auto loss = scaled[0].clone();
-  auto stats = at::stack({scaled[1], scaled[2], scaled[3], scaled[4]});
+                               loss.data_ptr(), stats.data_ptr(), workspace.data_ptr(), current_stream());
   return {loss, ratio, grad, stats};
 }
 
@@ -85,9 +80,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> clipped_loss(const at
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "dancegrpo fused ops, CUDA kernels";
-  m.def("sde_step_sample", &sde_step_sample, "rollout SDE step: (next_sample, log_prob)");
-  m.def("sde_step_log_prob", &sde_step_log_prob, "training SDE step: log_prob of prev_sample");
-  m.def("sde_step_backward", &sde_step_backward, "gradient of the log-prob w.r.t. model_output");
+  m.def("sde_step_sample", &sde_step_sample, "rollout SDE step: (next_sample, log_prob)", pybind11::arg("model_output"),
+        pybind11::arg("sample"), pybind11::arg("noise"), pybind11::arg("coefs"), pybind11::arg("index") = pybind11::none());
+  m.def("sde_step_log_prob", &sde_step_log_prob, "training SDE step: log_prob of prev_sample",
+        pybind11::arg("model_output"), pybind11::arg("sample"), pybind11::arg("prev_sample"), pybind11::arg("coefs"),
+        pybind11::arg("index") = pybind11::none());
+  m.def("sde_step_backward", &sde_step_backward, "gradient of the log-prob w.r.t. model_output",
+        pybind11::arg("grad_logp"), pybind11::arg("model_output"), pybind11::arg("sample"),
+        pybind11::arg("prev_sample"), pybind11::arg("coefs"), pybind11::arg("index") = pybind11::none());
   m.def("clipped_loss", &clipped_loss, "clipped-ratio loss: (loss, ratio, grad_new, stats)");
   m.attr("source_hash") = pybind11::int_(static_cast<uint64_t>(DANCEGRPO_SOURCE_HASH));
 }

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <stdexcept>
 #include <vector>
 
 #ifdef _OPENMP
@@ -37,51 +38,74 @@ static void test_sde_float32() {
   const int64_t batch = 3, numel = 20000;  // three chunks per sample, the last one partial
   const size_t n = static_cast<size_t>(batch * numel);
   auto x = randn(n, 1), v = randn(n, 2), noise = randn(n, 3);
-  std::vector<float> cx = {0.97f, 1.01f, 0.9f}, cv = {-0.1f, -0.05f, -0.2f}, std = {0.3f, 0.2f, 0.1f};
+  // A table of 4 step rows (coef_x, coef_v, std, log std); the samples use rows 2, 0, 3.
+  const std::vector<double> cx = {0.97f, 1.5f, 1.01f, 0.9f}, cv = {-0.1f, 3.0f, -0.05f, -0.2f},
+                            sd = {0.3f, 9.0f, 0.2f, 0.1f};
+  std::vector<double> table;
+  for (size_t r = 0; r < cx.size(); ++r) {
+    for (double value : {cx[r], cv[r], sd[r], std::log(sd[r])}) table.push_back(value);
+  }
+  const std::vector<int64_t> rows = {2, 0, 3};
   SdeStepProblem p;
   p.batch = batch;
   p.numel = numel;
   p.model_output = v.data();
   p.sample = x.data();
-  p.coef_x = cx.data();
-  p.coef_v = cv.data();
+  p.coefs = table.data();
+  p.rows = static_cast<int64_t>(cx.size());
+  p.index = rows.data();
   std::vector<float> next(n);
-  std::vector<double> sumsq_rollout(batch), sumsq_train(batch), sumsq_one_thread(batch);
-  sde_step_sample_cpu(p, std.data(), noise.data(), next.data(), sumsq_rollout.data());
-  sde_step_sumsq_cpu(p, next.data(), sumsq_train.data());
+  std::vector<float> logp_rollout(batch), logp_train(batch), logp_one_thread(batch);
+  sde_step_sample_cpu(p, noise.data(), next.data(), logp_rollout.data());
+  sde_step_log_prob_cpu(p, next.data(), logp_train.data());
 #ifdef _OPENMP
   const int threads = omp_get_max_threads();
   omp_set_num_threads(1);
 #endif
-  sde_step_sumsq_cpu(p, next.data(), sumsq_one_thread.data());
+  sde_step_log_prob_cpu(p, next.data(), logp_one_thread.data());
 #ifdef _OPENMP
   omp_set_num_threads(threads);
 #endif
   for (int64_t b = 0; b < batch; ++b) {
+    const size_t r = static_cast<size_t>(rows[static_cast<size_t>(b)]);
     double naive = 0.0;
     for (int64_t i = 0; i < numel; ++i) {
       const size_t k = static_cast<size_t>(b * numel + i);
-      const double mean = static_cast<double>(cx[b]) * x[k] + static_cast<double>(cv[b]) * v[k];
+      const double mean = cx[r] * x[k] + cv[r] * v[k];
       const double d = static_cast<double>(next[k]) - mean;
       naive += d * d;
     }
-    check(std::fabs(sumsq_rollout[b] - naive) <= 1e-5 * naive, "float32 sum of squares matches the naive loop");
-    check(sumsq_rollout[b] == sumsq_train[b], "rollout and training sums are bit-identical");
-    check(sumsq_train[b] == sumsq_one_thread[b], "the sum does not depend on the thread count");
+    const double expected = -(naive / numel) / (2 * sd[r] * sd[r]) - std::log(sd[r]) - 0.5 * std::log(2 * M_PI);
+    check(std::fabs(logp_rollout[b] - expected) <= 1e-5 * (1 + std::fabs(expected)),
+          "float32 log-prob matches the naive loop with the sample's table row");
+    check(logp_rollout[b] == logp_train[b], "rollout and training log-probs are bit-identical");
+    check(logp_train[b] == logp_one_thread[b], "the log-prob does not depend on the thread count");
   }
-  // backward: grad = scale * (prev - mean)
-  std::vector<float> scale = {2.0f, -1.0f, 0.5f}, grad(n);
-  sde_step_backward_cpu(p, next.data(), scale.data(), grad.data());
+  // backward: grad = g_b * coef_v / (std^2 numel) * (prev - mean)
+  std::vector<float> grad_logp = {2.0f, -1.0f, 0.5f}, grad(n);
+  sde_step_backward_cpu(p, next.data(), grad_logp.data(), grad.data());
   double worst = 0.0;
   for (int64_t b = 0; b < batch; ++b) {
+    const size_t r = static_cast<size_t>(rows[static_cast<size_t>(b)]);
+    const double scale = grad_logp[b] * cv[r] / (sd[r] * sd[r] * numel);
     for (int64_t i = 0; i < numel; ++i) {
       const size_t k = static_cast<size_t>(b * numel + i);
-      const double mean = static_cast<double>(cx[b]) * x[k] + static_cast<double>(cv[b]) * v[k];
-      const double expected = scale[b] * (static_cast<double>(next[k]) - mean);
-      worst = std::fmax(worst, std::fabs(grad[k] - expected));
+      const double mean = cx[r] * x[k] + cv[r] * v[k];
+      const double expected = scale * (static_cast<double>(next[k]) - mean);
+      worst = std::fmax(worst, std::fabs(grad[k] - expected) / (std::fabs(scale) + 1e-30));
     }
   }
-  check(worst < 1e-5, "backward matches the naive loop");
+  check(worst < 1e-4, "backward matches the naive loop");
+  // a row outside the table is refused before any work
+  const std::vector<int64_t> bad_rows = {0, 4, 1};
+  p.index = bad_rows.data();
+  bool threw = false;
+  try {
+    sde_step_log_prob_cpu(p, next.data(), logp_train.data());
+  } catch (const std::out_of_range&) {
+    threw = true;
+  }
+  check(threw, "an index outside the table throws std::out_of_range");
 }
 
 static void test_bf16_rounding() {

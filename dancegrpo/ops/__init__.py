@@ -7,9 +7,13 @@
 
 Each op is defined by its plain torch reference (ops.reference, i.e. dancegrpo.sde and
 dancegrpo.grpo) and has kernels in C++ for the CPU (csrc/cpu), Triton (kernels/) and CUDA
-(csrc/cuda), registered as torch.library custom ops so torch.compile traces through them.
-The backend is chosen per call (see dancegrpo.ops.backends); without any built extension
-everything runs on the torch reference.
+(csrc/cuda), registered as torch.library custom ops so torch.compile traces through them;
+eager calls go straight to the kernels. The backend is resolved once per device type (see
+dancegrpo.ops.backends); without any built extension everything runs on the torch reference.
+A call does no host work beyond metadata checks: step coefficients come from tables built
+and validated once (`sampler.step_coefficients`, or one per distinct float schedule), and
+each kernel writes its log-probs itself (one launch). DANCEGRPO_OPS_CHECK=1 (or
+`set_debug_checks(True)`) adds per-call checks that read tensor values.
 """
 from __future__ import annotations
 
@@ -18,6 +22,7 @@ from .backends import BACKENDS, ENV_VAR, available_backends, resolve_backend, se
 from .clipped_loss import fused_clipped_loss
 from .extension import build_cpu_extension, load_extension
 from .sde_step import SdeStepOutput, fused_sde_step, sampler_step
+from .validation import set_debug_checks
 
 __all__ = [
     "BACKENDS",
@@ -31,5 +36,6 @@ __all__ = [
     "load_extension",
     "resolve_backend",
     "sampler_step",
+    "set_debug_checks",
     "set_default_backend",
 ]

@@ -12,7 +12,6 @@ any built extension it falls back to torch and says so once in the log.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
@@ -20,7 +19,6 @@ from types import ModuleType
 
 import torch
 
-from ..profiling import nvtx_range
 from .extension import load_extension
 
 log = logging.getLogger(__name__)
@@ -47,6 +45,7 @@ def set_default_backend(name: str | None) -> None:
     """
     global _configured
     _configured = None if name is None else _check_name(name, "set_default_backend")
+    clear_cache()
 
 
 def _triton_interpreted() -> bool:
@@ -156,8 +155,24 @@ def _resolve(backend: str | None, device: torch.device) -> str:
     return "torch"
 
 
-def op_range(op: str, backend: str):
-    """An NVTX range around one op call, named after the op and its backend (none under compile)."""
-    if torch.compiler.is_compiling():
-        return contextlib.nullcontext()
-    return nvtx_range(f"ops.{op}[{backend}]")
+# (backend argument, DANCEGRPO_OPS_BACKEND, device type) -> (backend name, its kernels module or None)
+_resolved: dict[tuple, tuple[str, ModuleType | None]] = {}
+
+
+def clear_cache() -> None:
+    """Forget the backends resolved so far (set_default_backend does this itself)."""
+    _resolved.clear()
+
+
+def kernels_for(backend: str | None, device: torch.device) -> tuple[str, ModuleType | None]:
+    """The backend that runs an op on `device` tensors and its kernels (None for "torch").
+
+    The eager hot path: resolved once per (argument, environment variable, device type) and
+    then a dictionary lookup. Not for use under torch.compile (see `resolve_backend`).
+    """
+    key = (backend, os.environ.get(ENV_VAR), device.type)
+    hit = _resolved.get(key)
+    if hit is None:
+        name = _resolve(backend, device)
+        hit = _resolved[key] = (name, None if name == "torch" else kernels_module(name))
+    return hit

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor
 
 from ..grpo import ClippedLossOutput
 from . import library, reference
-from .backends import op_range, resolve_backend
+from .backends import kernels_for, resolve_backend
 from .validation import check_tensor
 
 
@@ -42,13 +43,23 @@ def fused_clipped_loss(new_logp: Tensor, old_logp: Tensor, advantages: Tensor, c
     if adv_clip_max is not None and not (isinstance(adv_clip_max, (int, float)) and adv_clip_max > 0):
         raise ValueError(f"adv_clip_max must be a float > 0 or None, got {adv_clip_max!r}")
 
-    name = resolve_backend(backend, new_logp.device)
-    with op_range("clipped_loss", name):
+    if torch.compiler.is_compiling():
+        name = resolve_backend(backend, new_logp.device)
         if name == "torch":
             return reference.clipped_loss(new_logp, old_logp, advantages, clip_range, adv_clip_max)
         loss, ratio, _grad, stats = library.clipped_loss(
             new_logp, old_logp.detach(), advantages.detach(), float(clip_range),
             None if adv_clip_max is None else float(adv_clip_max), name)
         stats = stats.detach()
-        return ClippedLossOutput(loss=loss, ratio=ratio.detach(), clip_fraction=stats[3], ratio_mean=stats[0],
-                                 ratio_min=stats[1], ratio_max=stats[2])
+    else:
+        name, kernels = kernels_for(backend, new_logp.device)
+        if name == "torch":
+            return reference.clipped_loss(new_logp, old_logp, advantages, clip_range, adv_clip_max)
+        args = (new_logp, old_logp.detach(), advantages.detach(), float(clip_range),
+                None if adv_clip_max is None else float(adv_clip_max))
+        if new_logp.requires_grad and torch.is_grad_enabled():
+            loss, ratio, _grad, stats = library.EagerClippedLoss.apply(*args, kernels)
+        else:
+            loss, ratio, _grad, stats = kernels.clipped_loss(*args)
+    return ClippedLossOutput(loss=loss, ratio=ratio.detach(), clip_fraction=stats[3], ratio_mean=stats[0],
+                             ratio_min=stats[1], ratio_max=stats[2])

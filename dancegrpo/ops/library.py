@@ -7,6 +7,8 @@ of every backend ("cpp", "triton", "cuda") take and return the same tensors.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
 
@@ -14,61 +16,64 @@ from .backends import kernels_module
 
 
 # ------------------------------------------------------------------------------- SDE step
+# coefs: (R, 4) float64 step-coefficient table (coef_x, coef_v, std, log std; see
+# dancegrpo.ops.schedule); index: (B,) int64 row of each sample, or None (R == B, or R == 1).
+
+def log_prob_dtype(sample: Tensor) -> torch.dtype:
+    """The compute dtype the log-probs come back in: float64 for float64 latents, else float32."""
+    return torch.float64 if sample.dtype == torch.float64 else torch.float32
+
 
 @torch.library.custom_op("dancegrpo::sde_step_sample", mutates_args=())
-def sde_step_sample(model_output: Tensor, sample: Tensor, noise: Tensor, coef_x: Tensor, coef_v: Tensor,
-                    std: Tensor, backend: str) -> tuple[Tensor, Tensor]:
+def sde_step_sample(model_output: Tensor, sample: Tensor, noise: Tensor, coefs: Tensor, index: Optional[Tensor],
+                    backend: str) -> tuple[Tensor, Tensor]:
     """Rollout step: (next_sample in the latent dtype, per-sample mean log-prob of it)."""
-    return kernels_module(backend).sde_step_sample(model_output, sample, noise, coef_x, coef_v, std)
+    return kernels_module(backend).sde_step_sample(model_output, sample, noise, coefs, index)
 
 
 @sde_step_sample.register_fake
-def _(model_output, sample, noise, coef_x, coef_v, std, backend):
-    return torch.empty_like(sample), coef_x.new_empty(sample.shape[0])
+def _(model_output, sample, noise, coefs, index, backend):
+    return torch.empty_like(sample), sample.new_empty(sample.shape[0], dtype=log_prob_dtype(sample))
 
 
 @torch.library.custom_op("dancegrpo::sde_step_log_prob", mutates_args=())
-def sde_step_log_prob(model_output: Tensor, sample: Tensor, prev_sample: Tensor, coef_x: Tensor, coef_v: Tensor,
-                      std: Tensor, backend: str) -> Tensor:
+def sde_step_log_prob(model_output: Tensor, sample: Tensor, prev_sample: Tensor, coefs: Tensor,
+                      index: Optional[Tensor], backend: str) -> Tensor:
     """Training step: per-sample mean log-prob of the recorded action prev_sample."""
-    return kernels_module(backend).sde_step_log_prob(model_output, sample, prev_sample, coef_x, coef_v, std)
+    return kernels_module(backend).sde_step_log_prob(model_output, sample, prev_sample, coefs, index)
 
 
 @sde_step_log_prob.register_fake
-def _(model_output, sample, prev_sample, coef_x, coef_v, std, backend):
-    return coef_x.new_empty(sample.shape[0])
+def _(model_output, sample, prev_sample, coefs, index, backend):
+    return sample.new_empty(sample.shape[0], dtype=log_prob_dtype(sample))
 
 
 @torch.library.custom_op("dancegrpo::sde_step_backward", mutates_args=())
 def sde_step_backward(grad_log_prob: Tensor, model_output: Tensor, sample: Tensor, prev_sample: Tensor,
-                      coef_x: Tensor, coef_v: Tensor, std: Tensor, backend: str) -> Tensor:
+                      coefs: Tensor, index: Optional[Tensor], backend: str) -> Tensor:
     """d(sum_b grad_log_prob[b] * log_prob[b]) / d model_output, in the model output's dtype."""
     return kernels_module(backend).sde_step_backward(grad_log_prob.contiguous(), model_output, sample, prev_sample,
-                                                     coef_x, coef_v, std)
+                                                     coefs, index)
 
 
 @sde_step_backward.register_fake
-def _(grad_log_prob, model_output, sample, prev_sample, coef_x, coef_v, std, backend):
+def _(grad_log_prob, model_output, sample, prev_sample, coefs, index, backend):
     return torch.empty_like(model_output)
-
-
-def _save_for_log_prob_grad(ctx, model_output, sample, action, coef_x, coef_v, std, backend) -> None:
-    ctx.save_for_backward(model_output, sample, action, coef_x, coef_v, std)
-    ctx.backend = backend
 
 
 def _log_prob_grad(ctx, grad_log_prob):
     if grad_log_prob is None or not ctx.needs_input_grad[0]:
-        return (None,) * 7
-    model_output, sample, action, coef_x, coef_v, std = ctx.saved_tensors
-    grad = sde_step_backward(grad_log_prob, model_output, sample, action, coef_x, coef_v, std, ctx.backend)
-    return grad, None, None, None, None, None, None
+        return (None,) * 6
+    model_output, sample, action, coefs, index = ctx.saved_tensors
+    grad = sde_step_backward(grad_log_prob, model_output, sample, action, coefs, index, ctx.backend)
+    return grad, None, None, None, None, None
 
 
 def _setup_sample(ctx, inputs, output):
-    model_output, sample, _noise, coef_x, coef_v, std, backend = inputs
+    model_output, sample, _noise, coefs, index, backend = inputs
     # The action is the stored next sample; gradients reach the model output through the mean only.
-    _save_for_log_prob_grad(ctx, model_output, sample, output[0], coef_x, coef_v, std, backend)
+    ctx.save_for_backward(model_output, sample, output[0], coefs, index)
+    ctx.backend = backend
 
 
 def _backward_sample(ctx, grad_next, grad_log_prob):
@@ -76,7 +81,9 @@ def _backward_sample(ctx, grad_next, grad_log_prob):
 
 
 def _setup_log_prob(ctx, inputs, output):
-    _save_for_log_prob_grad(ctx, *inputs)
+    model_output, sample, prev_sample, coefs, index, backend = inputs
+    ctx.save_for_backward(model_output, sample, prev_sample, coefs, index)
+    ctx.backend = backend
 
 
 def _backward_log_prob(ctx, grad_log_prob):
@@ -85,6 +92,44 @@ def _backward_log_prob(ctx, grad_log_prob):
 
 sde_step_sample.register_autograd(_backward_sample, setup_context=_setup_sample)
 sde_step_log_prob.register_autograd(_backward_log_prob, setup_context=_setup_log_prob)
+
+
+# Eager calls skip the op registry: the kernels are called directly, through a plain
+# autograd.Function when a gradient is needed. Same kernels, same numbers as the custom ops
+# above, which torch.compile traces (dancegrpo.ops.sde_step picks one or the other).
+
+class EagerSample(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, model_output, sample, noise, coefs, index, kernels):
+        next_sample, log_prob = kernels.sde_step_sample(model_output, sample, noise, coefs, index)
+        ctx.save_for_backward(model_output, sample, next_sample, coefs, index)
+        ctx.kernels = kernels
+        ctx.mark_non_differentiable(next_sample)
+        return next_sample, log_prob
+
+    @staticmethod
+    def backward(ctx, grad_next, grad_log_prob):
+        return _eager_grad(ctx, grad_log_prob)
+
+
+class EagerLogProb(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, model_output, sample, prev_sample, coefs, index, kernels):
+        ctx.save_for_backward(model_output, sample, prev_sample, coefs, index)
+        ctx.kernels = kernels
+        return kernels.sde_step_log_prob(model_output, sample, prev_sample, coefs, index)
+
+    @staticmethod
+    def backward(ctx, grad_log_prob):
+        return _eager_grad(ctx, grad_log_prob)
+
+
+def _eager_grad(ctx, grad_log_prob):
+    if grad_log_prob is None or not ctx.needs_input_grad[0]:
+        return (None,) * 6
+    model_output, sample, action, coefs, index = ctx.saved_tensors
+    grad = ctx.kernels.sde_step_backward(grad_log_prob.contiguous(), model_output, sample, action, coefs, index)
+    return grad, None, None, None, None, None
 
 
 # ------------------------------------------------------------------------------- clipped loss
@@ -122,3 +167,19 @@ def _backward_loss(ctx, grad_loss, grad_ratio, grad_grad, grad_stats):
 
 
 clipped_loss.register_autograd(_backward_loss, setup_context=_setup_loss)
+
+
+class EagerClippedLoss(torch.autograd.Function):
+    """The eager counterpart of the clipped_loss custom op (same kernels, see EagerSample)."""
+
+    @staticmethod
+    def forward(ctx, new_logp, old_logp, advantages, clip_range, adv_clip_max, kernels):
+        loss, ratio, grad, stats = kernels.clipped_loss(new_logp, old_logp, advantages, clip_range, adv_clip_max)
+        ctx.save_for_backward(grad)
+        ctx.new_dtype = new_logp.dtype
+        ctx.mark_non_differentiable(ratio, grad, stats)
+        return loss, ratio, grad, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_ratio, grad_grad, grad_stats):
+        return _backward_loss(ctx, grad_loss, grad_ratio, grad_grad, grad_stats)

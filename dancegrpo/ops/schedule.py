@@ -11,8 +11,11 @@ import torch
 from torch import Tensor
 
 from ..sde import FLOW_FORMS, ScheduleValue
+from .validation import require
 
 PREDICTIONS = ("flow", "ddim")
+SIGMA_ONE_MESSAGE = ("flow_grpo step at sigma == 1 divides by 1 - sigma; pass sigma_max "
+                     "(the schedule's second sigma, e.g. flow_sigmas(...)[1])")
 
 
 def compute_dtype(sample: Tensor) -> torch.dtype:
@@ -88,3 +91,45 @@ def ddim_coefficients(abar_t: Tensor, abar_prev: Tensor, eta: Tensor) -> tuple[T
     direction = torch.sqrt((1 - abar_prev - std**2).clamp(min=0))
     sqrt_prev, sqrt_t = torch.sqrt(abar_prev), torch.sqrt(abar_t)
     return sqrt_prev / sqrt_t, direction - sqrt_prev * torch.sqrt(1 - abar_t) / sqrt_t, std
+
+
+# ------------------------------------------------------------------ step-coefficient tables
+# What the kernels read: one float64 row per step (or per sample) of (coef_x, coef_v, std,
+# log std). coef_x, coef_v and std are the compute-dtype values (float32 for all but float64
+# latents) widened exactly, so the kernels compute with the very numbers the per-call path
+# computed; log std is torch.log of the widened std, as the per-call finalisation took it.
+TABLE_COLUMNS = ("coef_x", "coef_v", "std", "log_std")
+
+
+def coefficient_table(coef_x: Tensor, coef_v: Tensor, std: Tensor) -> Tensor:
+    """(R, 4) float64 table from three (R,) coefficient tensors in the compute dtype."""
+    std64 = std.detach().double()
+    return torch.stack((coef_x.detach().double(), coef_v.detach().double(), std64, torch.log(std64)), dim=1)
+
+
+def step_table(prediction: str, batch_or_steps: int, dtype: torch.dtype, device: torch.device, *,
+               sigma=None, sigma_next=None, eta=0.0, form: str = "dancegrpo", sigma_max=None, abar_t=None,
+               abar_prev=None) -> tuple[Tensor, Tensor]:
+    """(table (R, 4) float64, std (R,) in `dtype`) of R steps or samples from schedule values.
+
+    Each value is a float, a 0-d tensor or an (R,) tensor (see per_sample); `dtype` is the
+    compute dtype. Raises ValueError for a flow_grpo step at sigma == 1 without sigma_max.
+    The caller checks std > 0 (dancegrpo.ops.validation.require_positive_std).
+    """
+    def value(v, name):
+        return per_sample(v, name, batch_or_steps, dtype, device)
+
+    if prediction == "ddim":
+        coefs = ddim_coefficients(value(abar_t, "abar_t"), value(abar_prev, "abar_prev"), value(eta, "eta"))
+    else:
+        smax = None
+        if form == "flow_grpo":
+            if sigma_max is None:
+                require(value(sigma, "sigma") != 1, ValueError, SIGMA_ONE_MESSAGE)
+            else:
+                if not isinstance(sigma_max, Tensor) and not 0.0 <= float(sigma_max) < 1.0:
+                    raise ValueError(f"sigma_max must be in [0, 1), got {sigma_max}")
+                smax = value(sigma_max, "sigma_max")
+        coefs = flow_coefficients(value(sigma, "sigma"), value(sigma_next, "sigma_next"), value(eta, "eta"), form,
+                                  smax)
+    return coefficient_table(*coefs), coefs[2]

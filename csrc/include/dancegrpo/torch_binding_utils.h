@@ -12,8 +12,6 @@
 namespace dancegrpo {
 namespace binding {
 
-constexpr double kHalfLogTwoPi = 0.91893853320467274178;  // 0.5 * log(2 pi)
-
 inline DType to_dtype(const at::Tensor& t, const char* name) {
   switch (t.scalar_type()) {
     case at::kFloat: return DType::kFloat32;
@@ -40,33 +38,43 @@ inline void check_device(const at::Tensor& t, const char* name, at::DeviceType e
 
 // Validated, contiguous inputs of an SDE-step call; the tensors keep the buffers alive.
 struct SdeInputs {
-  at::Tensor model_output, sample, action, coef_x, coef_v, std;
+  at::Tensor model_output, sample, action, coefs, index;
+  at::ScalarType compute;
   SdeStepProblem problem;
 };
 
+// coefs: (R, kSdeCoefs) float64 table; index: (B,) int64 rows, or undefined (R == B, or R == 1).
+// Checks are on metadata only: nothing here reads tensor values.
 inline SdeInputs prepare_sde(const at::Tensor& model_output, const at::Tensor& sample, const at::Tensor& action,
-                             const char* action_name, const at::Tensor& coef_x, const at::Tensor& coef_v,
-                             const at::Tensor& std, at::DeviceType device) {
+                             const char* action_name, const at::Tensor& coefs, const std::optional<at::Tensor>& index,
+                             at::DeviceType device) {
   for (const auto& [t, name] : {std::pair{&model_output, "model_output"}, {&sample, "sample"}, {&action, action_name},
-                                {&coef_x, "coef_x"}, {&coef_v, "coef_v"}, {&std, "std"}}) {
+                                {&coefs, "coefs"}}) {
     check_device(*t, name, device, sample);
   }
   TORCH_CHECK(sample.dim() >= 1, "sample must have a batch dimension, got a 0-d tensor");
-  TORCH_CHECK(model_output.sizes() == sample.sizes(), "model_output shape ", model_output.sizes(),
-              " differs from sample shape ", sample.sizes());
-  TORCH_CHECK(action.sizes() == sample.sizes(), action_name, " shape ", action.sizes(), " differs from sample shape ",
-              sample.sizes());
+  TORCH_CHECK_VALUE(model_output.sizes() == sample.sizes(), "model_output shape ", model_output.sizes(),
+                    " differs from sample shape ", sample.sizes());
+  TORCH_CHECK_VALUE(action.sizes() == sample.sizes(), action_name, " shape ", action.sizes(),
+                    " differs from sample shape ", sample.sizes());
   TORCH_CHECK_TYPE(action.scalar_type() == sample.scalar_type(), action_name, " dtype ", action.scalar_type(),
                    " differs from sample dtype ", sample.scalar_type());
   const int64_t batch = sample.size(0);
-  const auto acc = compute_type(sample);
-  for (const auto& [t, name] : {std::pair{&coef_x, "coef_x"}, {&coef_v, "coef_v"}, {&std, "std"}}) {
-    TORCH_CHECK(t->dim() == 1 && t->size(0) == batch, name, " must have shape (", batch, ",), got ", t->sizes());
-    TORCH_CHECK_TYPE(t->scalar_type() == acc, name, " must be ", acc, " for ", sample.scalar_type(),
-                     " latents, got ", t->scalar_type());
+  TORCH_CHECK_VALUE(coefs.dim() == 2 && coefs.size(1) == kSdeCoefs, "coefs must have shape (rows, ", kSdeCoefs,
+                    "), got ", coefs.sizes());
+  TORCH_CHECK_TYPE(coefs.scalar_type() == at::kDouble, "coefs must be float64, got ", coefs.scalar_type());
+  const bool has_index = index.has_value() && index->defined();
+  if (has_index) {
+    check_device(*index, "index", device, sample);
+    TORCH_CHECK_VALUE(index->dim() == 1 && index->size(0) == batch, "index must have shape (", batch, ",), got ",
+                      index->sizes());
+    TORCH_CHECK_TYPE(index->scalar_type() == at::kLong, "index must be int64, got ", index->scalar_type());
+  } else {
+    TORCH_CHECK_VALUE(coefs.size(0) == batch || coefs.size(0) == 1, "without an index, coefs needs one row per "
+                      "sample (", batch, ") or a single row, got ", coefs.size(0));
   }
-  SdeInputs in{model_output.contiguous(), sample.contiguous(), action.contiguous(),
-               coef_x.contiguous(),       coef_v.contiguous(), std.contiguous(), {}};
+  SdeInputs in{model_output.contiguous(), sample.contiguous(), action.contiguous(), coefs.contiguous(),
+               has_index ? index->contiguous() : at::Tensor(), compute_type(sample), {}};
   auto& p = in.problem;
   p.batch = batch;
   p.numel = batch == 0 ? 0 : sample.numel() / batch;
@@ -74,27 +82,17 @@ inline SdeInputs prepare_sde(const at::Tensor& model_output, const at::Tensor& s
   p.output_dtype = to_dtype(model_output, "model_output");
   p.model_output = in.model_output.data_ptr();
   p.sample = in.sample.data_ptr();
-  p.coef_x = in.coef_x.data_ptr();
-  p.coef_v = in.coef_v.data_ptr();
+  p.coefs = in.coefs.data_ptr<double>();
+  p.rows = in.coefs.size(0);
+  p.index = has_index ? in.index.data_ptr<int64_t>() : nullptr;
   return in;
 }
 
-// logp_b = -(sumsq_b / n) / (2 std_b^2) - log(std_b) - log(2 pi) / 2, in double, then cast.
-inline at::Tensor log_prob_from_sumsq(const at::Tensor& sumsq, const at::Tensor& std, int64_t numel) {
-  const auto s = std.to(at::kDouble);
-  auto logp = -(sumsq / static_cast<double>(numel)) / (2.0 * s * s) - at::log(s) - kHalfLogTwoPi;
-  return logp.to(std.scalar_type());
-}
-
-// d logp_b / d v = coef_v_b * (prev - mean) / (std_b^2 n): the per-sample factor times grad_b.
-inline at::Tensor grad_scale(const at::Tensor& grad_logp, const SdeInputs& in) {
-  TORCH_CHECK(grad_logp.dim() == 1 && grad_logp.size(0) == in.problem.batch, "grad_logp must have shape (",
-              in.problem.batch, ",), got ", grad_logp.sizes());
-  const auto s = in.std.to(at::kDouble);
-  return (grad_logp.to(in.std.device(), at::kDouble) * in.coef_v.to(at::kDouble) /
-          (s * s * static_cast<double>(in.problem.numel)))
-      .to(in.std.scalar_type())
-      .contiguous();
+// The incoming gradient of the log-probs as (B,) in the compute type, contiguous.
+inline at::Tensor grad_log_prob_for(const at::Tensor& grad_logp, const SdeInputs& in) {
+  TORCH_CHECK_VALUE(grad_logp.dim() == 1 && grad_logp.size(0) == in.problem.batch, "grad_logp must have shape (",
+                    in.problem.batch, ",), got ", grad_logp.sizes());
+  return grad_logp.to(in.sample.device(), in.compute).contiguous();
 }
 
 // Checked loss inputs converted to the compute dtype (float32, or float64).

@@ -100,6 +100,12 @@ class SamplerConfig:
     # [start, end): the only steps that inject noise (and are trained); the others are ODE
     # steps. None = every step is stochastic. See FlowSampler.
     sde_window: list[int] | None = None
+    # Flow models only. None: the denoiser's time input is sigma as is. N (e.g. 1000): it is
+    # sigma floored to a multiple of 1/N, floor(sigma * N) / N in float32, as the authors'
+    # release feeds int(sigma * 1000) (FLUX: divided by 1000 again). The step's mean and std
+    # still use the exact sigma. Rollout, training, the KL reference and evaluation all
+    # compute it the same way (FlowSampler.model_time), so the first-update ratio stays 1.
+    model_time_resolution: int | None = None
 
     def validate(self) -> list[str]:
         window = self.sde_window
@@ -113,6 +119,9 @@ class SamplerConfig:
             _one_of("sde_form", self.sde_form, ("dancegrpo", "flow_grpo")),
             _rule("eval_num_steps", self.eval_num_steps,
                   self.eval_num_steps is None or self.eval_num_steps >= 1, ">= 1 (or null)"),
+            _rule("model_time_resolution", self.model_time_resolution,
+                  self.model_time_resolution is None or self.model_time_resolution >= 1,
+                  ">= 1 (e.g. 1000, the release's int(sigma * 1000)), or null for sigma as is"),
         )
 
 
@@ -153,7 +162,15 @@ class RewardConfig:
 class GRPOConfig:
     group_size: int = 12             # samples per prompt; advantages are relative within a group
     prompts_per_iteration: int = 32
-    tau: float = 0.6                 # fraction of denoising steps trained on
+    tau: float = 0.6                 # fraction of the trainable steps trained on, see tau_rounding
+    # How many of the K trainable steps (the stochastic ones, less the last if
+    # exclude_last_step) each rollout chunk trains on: "ceil" = ceil(tau * K), "floor" =
+    # floor(tau * K) (the release's int(K * timestep_fraction)), both drawn uniformly at random
+    # without repetition. grpo.subsample_timesteps holds the rule.
+    tau_rounding: str = "ceil"
+    # True: never train the sampler's final step (index num_steps - 1), as the release slices
+    # it off before choosing steps (its log-prob is still recorded; only the choice changes).
+    exclude_last_step: bool = False
     clip_range: float = 1e-4         # PPO ratio clip
     adv_clip_max: float = 5.0
     best_of_n_keep: int | None = None  # train on top-k and bottom-k per group; None = all
@@ -170,6 +187,7 @@ class GRPOConfig:
             _rule("prompts_per_iteration", self.prompts_per_iteration,
                   self.prompts_per_iteration >= 1, ">= 1"),
             _rule("tau", self.tau, 0 < self.tau <= 1, "in (0, 1]"),
+            _one_of("tau_rounding", self.tau_rounding, ("ceil", "floor")),
             _rule("clip_range", self.clip_range, self.clip_range > 0, "> 0"),
             _rule("adv_clip_max", self.adv_clip_max, self.adv_clip_max > 0, "> 0"),
             _rule("best_of_n_keep", k, k is None or k >= 1, ">= 1 (or null to keep all)"),
@@ -298,12 +316,34 @@ class Config:
                                 f"rewards.{first_index[reward.name]}.name: reward names must be "
                                 "unique because they become metric names")
             first_index.setdefault(reward.name, i)
+        problems += self._trained_step_problems()
         k, n = self.grpo.best_of_n_keep, self.grpo.group_size
         if k is not None and 2 * k > n:
             problems.append(f"grpo.best_of_n_keep = {k} is out of range: must satisfy "
                             f"2 * best_of_n_keep <= grpo.group_size = {n} (top-k and bottom-k "
                             "are kept per group)")
         return problems
+
+
+    def _trained_step_problems(self) -> list[str]:
+        """grpo.exclude_last_step and grpo.tau_rounding = floor must leave a step to train."""
+        s, g = self.sampler, self.grpo
+        if s.eta <= 0 or not (0 < g.tau <= 1) or g.tau_rounding not in ("ceil", "floor"):
+            return []  # no stochastic step at all, or a bad tau: reported elsewhere
+        start, end = s.sde_window if s.sde_window is not None else (0, s.num_steps)
+        if not 0 <= start < end <= s.num_steps:
+            return []  # reported by sampler.sde_window
+        trainable = end - start - (1 if g.exclude_last_step and end == s.num_steps else 0)
+        if trainable == 0:
+            return [f"grpo.exclude_last_step = true leaves no step to train: the only stochastic step "
+                    f"(sampler.sde_window = {s.sde_window}) is the last one; widen the window or set "
+                    "grpo.exclude_last_step = false"]
+        from .grpo import trained_step_count
+        if trained_step_count(trainable, g.tau, g.tau_rounding) == 0:
+            return [f"grpo.tau = {g.tau} with grpo.tau_rounding = floor trains floor({g.tau} * {trainable}) = 0 "
+                    f"of the {trainable} trainable steps: raise grpo.tau to at least {1 / trainable:.4g} "
+                    "or use grpo.tau_rounding = ceil"]
+        return []
 
 
 # ---------------------------------------------------------------------------------------

@@ -360,6 +360,7 @@ class Trainer:
         self.policy.train()
         update_stats = self._update(rollout, advantages, scores.valid, cond, self._generator("plan", it))
         timings["time/update"] = time.perf_counter() - start
+        lr = self.scheduler.get_last_lr()[0]  # the rate this iteration's updates used (logged below)
         with warnings.catch_warnings():
             # The schedule is per iteration, also for one whose updates were all dropped;
             # torch's "scheduler before optimizer" warning does not apply.
@@ -379,7 +380,7 @@ class Trainer:
         metrics["reward/zero_advantage_groups"] = int((dp.gather_rows(advantages, group).view(-1, group)
                                                        .abs().sum(1) == 0).sum())
         metrics.update(update_stats)
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["lr"] = lr
         metrics.update(timings)
         return metrics
 

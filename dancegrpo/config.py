@@ -566,16 +566,13 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: Sequence[s
         data = copy.deepcopy(source)  # overrides must not touch the caller's mapping
     else:
         where = os.fspath(source)
+        from .io_errors import load_yaml
         try:
-            text = Path(where).read_text(encoding="utf-8")
+            data = load_yaml(where, "config file")
         except FileNotFoundError:
             raise ConfigError([f"config file {where!r} does not exist"]) from None
-        except OSError as exc:
-            raise ConfigError([f"config file {where!r} cannot be read: {exc}"]) from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"config file {where!r} is not valid YAML: {exc}"]) from None
+        except ValueError as exc:  # not readable, not UTF-8 or not YAML: the message names file and line
+            raise ConfigError([str(exc)]) from None
         data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError([f"{where or 'configuration'} must be a mapping of sections "

@@ -119,6 +119,12 @@ class SamplerConfig:
     sde_window: list[int] | None = None
     # Replay each rollout chunk's denoising loop from a CUDA graph (CUDA only; see dancegrpo.cuda_graph).
     cuda_graph: bool = False
+    # Flow models only. None: the denoiser's time input is sigma as is. N (e.g. 1000): it is
+    # sigma floored to a multiple of 1/N, floor(sigma * N) / N in float32, as the authors'
+    # release feeds int(sigma * 1000) (FLUX: divided by 1000 again). The step's mean and std
+    # still use the exact sigma. Rollout, training, the KL reference and evaluation all
+    # compute it the same way (FlowSampler.model_time), so the first-update ratio stays 1.
+    model_time_resolution: int | None = None
 
     def validate(self) -> list[str]:
         window = self.sde_window
@@ -133,6 +139,9 @@ class SamplerConfig:
             _rule("eval_num_steps", self.eval_num_steps,
                   self.eval_num_steps is None or self.eval_num_steps >= 1, ">= 1 (or null)"),
             _rule("cuda_graph", self.cuda_graph, isinstance(self.cuda_graph, bool), "true or false"),
+            _rule("model_time_resolution", self.model_time_resolution,
+                  self.model_time_resolution is None or self.model_time_resolution >= 1,
+                  ">= 1 (e.g. 1000, the release's int(sigma * 1000)), or null for sigma as is"),
         )
 
 
@@ -173,7 +182,15 @@ class RewardConfig:
 class GRPOConfig:
     group_size: int = 12             # samples per prompt; advantages are relative within a group
     prompts_per_iteration: int = 32
-    tau: float = 0.6                 # fraction of denoising steps trained on
+    tau: float = 0.6                 # fraction of the trainable steps trained on, see tau_rounding
+    # How many of the K trainable steps (the stochastic ones, less the last if
+    # exclude_last_step) each rollout chunk trains on: "ceil" = ceil(tau * K), "floor" =
+    # floor(tau * K) (the release's int(K * timestep_fraction)), both drawn uniformly at random
+    # without repetition. grpo.subsample_timesteps holds the rule.
+    tau_rounding: str = "ceil"
+    # True: never train the sampler's final step (index num_steps - 1), as the release slices
+    # it off before choosing steps (its log-prob is still recorded; only the choice changes).
+    exclude_last_step: bool = False
     clip_range: float = 1e-4         # PPO ratio clip
     adv_clip_max: float = 5.0
     best_of_n_keep: int | None = None  # train on top-k and bottom-k per group; None = all
@@ -190,6 +207,7 @@ class GRPOConfig:
             _rule("prompts_per_iteration", self.prompts_per_iteration,
                   self.prompts_per_iteration >= 1, ">= 1"),
             _rule("tau", self.tau, 0 < self.tau <= 1, "in (0, 1]"),
+            _one_of("tau_rounding", self.tau_rounding, ("ceil", "floor")),
             _rule("clip_range", self.clip_range, self.clip_range > 0, "> 0"),
             _rule("adv_clip_max", self.adv_clip_max, self.adv_clip_max > 0, "> 0"),
             _rule("best_of_n_keep", k, k is None or k >= 1, ">= 1 (or null to keep all)"),
@@ -321,6 +339,7 @@ class Config:
             first_index.setdefault(reward.name, i)
         from .attention.backends import config_problems as attention_problems
         problems += attention_problems(self.model.options, self.run.device)
+        problems += self._trained_step_problems()
         k, n = self.grpo.best_of_n_keep, self.grpo.group_size
         if k is not None and 2 * k > n:
             problems.append(f"grpo.best_of_n_keep = {k} is out of range: must satisfy "
@@ -335,15 +354,17 @@ class Config:
         if s.sde_window is not None and not (len(s.sde_window) == 2
                                              and 0 <= s.sde_window[0] < s.sde_window[1] <= s.num_steps):
             return []  # reported by sampler.sde_window itself
-        if s.num_steps < 1 or not 0 < g.tau <= 1 or s.eta < 0:
+        if s.num_steps < 1 or not 0 < g.tau <= 1 or s.eta < 0 or g.tau_rounding not in ("ceil", "floor"):
             return []  # reported by their own sections
         if s.eta == 0:
             return [f"sampler.eta = {s.eta} makes every sampler step deterministic (an ODE step has no "
                     "log-probability): there is no step to train on; set sampler.eta > 0 (the paper uses 0.3)"]
         stochastic = stochastic_step_count(s)
-        trained = trained_step_count(stochastic, g.tau)
+        trained = trained_step_count(trainable_step_count(self), g.tau, g.tau_rounding)
         where = (f"sampler.sde_window = {s.sde_window}" if s.sde_window is not None
                  else f"sampler.num_steps = {s.num_steps}")
+        if trained < 1 and g.tau_rounding != "ceil":
+            return []  # reported by _trained_step_problems, which names the rounding
         if trained < 1:
             return [f"grpo.tau = {g.tau} selects no step: ceil(tau * {stochastic}) = 0 of the {stochastic} "
                     f"stochastic steps ({where}); use grpo.tau >= {1 / stochastic:.3g}"]
@@ -362,6 +383,25 @@ class Config:
                     f"{t.iterations}: the learning rate would never reach trainer.lr; lower the warmup"]
         return []
 
+    def _trained_step_problems(self) -> list[str]:
+        """grpo.exclude_last_step and grpo.tau_rounding = floor must leave a step to train."""
+        s, g = self.sampler, self.grpo
+        if s.eta <= 0 or not (0 < g.tau <= 1) or g.tau_rounding not in ("ceil", "floor"):
+            return []  # no stochastic step at all, or a bad tau: reported elsewhere
+        start, end = s.sde_window if s.sde_window is not None else (0, s.num_steps)
+        if not 0 <= start < end <= s.num_steps:
+            return []  # reported by sampler.sde_window
+        trainable = trainable_step_count(self)
+        if trainable == 0:
+            return [f"grpo.exclude_last_step = true leaves no step to train: the only stochastic step "
+                    f"(sampler.sde_window = {s.sde_window}) is the last one; widen the window or set "
+                    "grpo.exclude_last_step = false"]
+        if g.tau_rounding == "floor" and trained_step_count(trainable, g.tau, g.tau_rounding) == 0:
+            return [f"grpo.tau = {g.tau} with grpo.tau_rounding = floor trains floor({g.tau} * {trainable}) = 0 "
+                    f"of the {trainable} trainable steps: raise grpo.tau to at least {1 / trainable:.4g} "
+                    "or use grpo.tau_rounding = ceil"]
+        return []
+
 
 def stochastic_step_count(sampler: SamplerConfig) -> int:
     """Sampler steps that inject noise (and have a log-prob): the SDE window's, or all of them."""
@@ -371,10 +411,20 @@ def stochastic_step_count(sampler: SamplerConfig) -> int:
     return end - start
 
 
-def trained_step_count(stochastic_steps: int, tau: float) -> int:
-    """Steps trained per rollout chunk: ceil(tau * K) of the K stochastic steps, as
-    `grpo.subsample_timesteps` picks them (the same float slack, so 0.6 * 10 is 6, not 7)."""
-    return math.ceil(tau * stochastic_steps - 1e-9) if stochastic_steps else 0
+def trainable_step_count(cfg: "Config") -> int:
+    """Stochastic steps training may pick from: all of them, less the last sampler step when
+    grpo.exclude_last_step is set and the last step is stochastic."""
+    s = cfg.sampler
+    stochastic = stochastic_step_count(s)
+    end = s.sde_window[1] if s.sde_window is not None else s.num_steps
+    return stochastic - (1 if stochastic and cfg.grpo.exclude_last_step and end == s.num_steps else 0)
+
+
+def trained_step_count(trainable_steps: int, tau: float, rounding: str = "ceil") -> int:
+    """Steps trained per rollout chunk, as `grpo.subsample_timesteps` picks them
+    (`grpo.trained_step_count`), and 0 when there is no trainable step."""
+    from .grpo import trained_step_count as count  # grpo imports torch; config loads without it
+    return count(trainable_steps, tau, rounding) if trainable_steps else 0
 
 
 def trainable_pairs(cfg: "Config", dp_size: int = 1) -> int | None:
@@ -392,7 +442,7 @@ def trainable_pairs(cfg: "Config", dp_size: int = 1) -> int | None:
         return None
     samples = g.prompts_per_iteration * group // dp_size
     chunks = -(-samples // t.micro_batch_size)
-    return chunks * trained_step_count(stochastic_step_count(cfg.sampler), g.tau)
+    return chunks * trained_step_count(trainable_step_count(cfg), g.tau, g.tau_rounding)
 
 
 # ---------------------------------------------------------------------------------------
@@ -616,16 +666,13 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: Sequence[s
         data = copy.deepcopy(source)  # overrides must not touch the caller's mapping
     else:
         where = os.fspath(source)
+        from .io_errors import load_yaml
         try:
-            text = Path(where).read_text(encoding="utf-8")
+            data = load_yaml(where, "config file")
         except FileNotFoundError:
             raise ConfigError([f"config file {where!r} does not exist"]) from None
-        except OSError as exc:
-            raise ConfigError([f"config file {where!r} cannot be read: {exc}"]) from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError([f"config file {where!r} is not valid YAML: {exc}"]) from None
+        except ValueError as exc:  # not readable, not UTF-8 or not YAML: the message names file and line
+            raise ConfigError([str(exc)]) from None
         data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError([f"{where or 'configuration'} must be a mapping of sections "

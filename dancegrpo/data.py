@@ -5,6 +5,8 @@ from pathlib import Path
 
 import torch
 
+from .io_errors import read_text
+
 
 # Samples per prompt kind in the held-out set: 5 kinds x 48 = 240 samples, so its accuracy is
 # GenEval's overall score (the mean over kinds), not a relation score in disguise.
@@ -12,7 +14,9 @@ TOY_EVAL_PER_KIND = 48
 
 
 def load_prompts(source: str) -> list[str]:
-    """A builtin toy prompt set or a text file with one prompt a line.
+    """A builtin toy prompt set or a UTF-8 text file with one prompt a line.
+
+    Raises FileNotFoundError (no such file) or ValueError (not UTF-8, naming the line, or empty).
 
     Builtins: `toy:train` and `toy:eval` are disjoint and kind-balanced (every prompt kind
     equally often; small kinds repeat, so `toy:eval` has repeated prompts, each repeat a new
@@ -32,10 +36,8 @@ def load_prompts(source: str) -> list[str]:
             raise ValueError(f"unknown builtin prompt set {source!r}: use one of "
                              f"{', '.join('toy:' + name for name in choices)}")
         return list(choices[split]())
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {source!r} not found (one prompt a line, or toy:train)")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    text = read_text(Path(source), "prompt file", " (one prompt a line, or toy:train)")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {source!r} has no prompts")
     return prompts

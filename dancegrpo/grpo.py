@@ -26,6 +26,7 @@ __all__ = [
     "shared_group_noise",
     "initial_noise",
     "subsample_timesteps",
+    "trained_step_count",
 ]
 
 # Slack for ceil(tau * T): 0.6 * 25 must give 15 even if the product lands at 15.000000000000002.
@@ -328,20 +329,44 @@ def kl_penalty(mean_new: Tensor, mean_ref: Tensor, std: Tensor | float) -> Tenso
 # --------------------------------------------------------------------------- sampling helpers
 
 
+def trained_step_count(num_steps: int, tau: float, rounding: str = "ceil") -> int:
+    """How many of ``num_steps`` trainable steps a sample trains on.
+
+    ``rounding="ceil"``: ``ceil(tau * num_steps)``; a float product a hair above an integer
+    counts as that integer (0.6 * 25 = 15.000000000000002 gives 15), so a tau below about
+    1e-9 / num_steps gives 0 (the config refuses it).
+    ``rounding="floor"``: ``int(num_steps * tau)``, exactly the expression of the authors'
+    release (``int(len(timesteps) * timestep_fraction)``), float error included (0.29 * 100 =
+    28.999999999999996 gives 28 there and here); may be 0.
+
+    Raises ValueError for an unknown rounding.
+    """
+    if rounding == "ceil":
+        return max(0, math.ceil(tau * num_steps - _CEIL_SLACK))
+    if rounding == "floor":
+        return int(num_steps * tau)
+    raise ValueError(f"rounding = {rounding!r} is not allowed: must be 'ceil' or 'floor'")
+
+
 def subsample_timesteps(
     num_samples: int,
     num_steps: int,
     tau: float,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    rounding: str = "ceil",
 ) -> Tensor:
-    """Pick ``k = ceil(tau * num_steps)`` distinct steps per sample to train on.
+    """Pick ``k = trained_step_count(num_steps, tau, rounding)`` distinct steps per sample to
+    train on (``ceil(tau * num_steps)`` by default).
 
     Each row is an independent uniformly random subset of ``range(num_steps)``, sorted
     ascending.
 
     Returns:
         (num_samples, k) int64 tensor on ``device``.
+
+    Raises:
+        ValueError: tau outside (0, 1], num_steps < 1, or a tau selecting no step.
     """
     if not (0.0 < tau <= 1.0):
         raise ValueError(f"tau (fraction of steps trained) must be in (0, 1], got {tau}")
@@ -349,7 +374,11 @@ def subsample_timesteps(
         raise ValueError(f"num_steps must be >= 1, got {num_steps}")
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    k = max(1, math.ceil(tau * num_steps - _CEIL_SLACK))
+    k = trained_step_count(num_steps, tau, rounding)
+    if k == 0:
+        chosen = f"floor({tau} * {num_steps})" if rounding == "floor" else f"ceil({tau} * {num_steps})"
+        raise ValueError(f"tau = {tau} with {rounding} rounding selects {chosen} = 0 of {num_steps} steps: "
+                         f"raise tau to at least {1 / num_steps:.4g}")
     # argsort of iid uniforms is a uniform random permutation per row; keep its first k.
     keys = torch.rand(
         num_samples, num_steps, generator=generator, device=_generated_on(generator, device)

@@ -10,13 +10,13 @@ for image-to-video, "image" (a path, relative to the JSONL file or absolute). Th
 from __future__ import annotations
 
 import inspect
-import json
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm import tqdm
 
+from .io_errors import load_image, parse_json, read_text
 from .models.checkpoint_layout import check_layout
 from .models.prompt_cache import EMPTY_PROMPT, PromptCacheWriter
 
@@ -50,27 +50,35 @@ CFG_MODELS = {"sd14", "skyreels_i2v"}
 
 
 def read_prompt_file(path: str | Path) -> list[dict]:
-    """Entries {"prompt": str, ...extras} from a .txt (one a line) or .jsonl file."""
+    """Entries {"prompt": str, ...extras} from a UTF-8 .txt (one a line) or .jsonl file.
+
+    A JSONL "image" is resolved against the file's folder and decoded here, before any
+    encoding work, so a missing or corrupt image is reported with the line that names it.
+
+    Raises:
+        FileNotFoundError: the prompt file or an image is missing.
+        ValueError: not UTF-8, bad JSON, a line without "prompt", an unreadable image (each
+            naming path:line), no prompts, or one prompt twice with different extras.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {str(path)!r} not found (one prompt a line, or JSONL with \"prompt\")")
+    text = read_text(path, "prompt file", " (one prompt a line, or JSONL with \"prompt\")")
     entries = []
     if path.suffix == ".jsonl":
-        for number, line in enumerate(path.read_text().splitlines(), 1):
+        for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not valid JSON ({err})") from err
+            record = parse_json(line, path, "JSONL prompt line", line=number)
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise ValueError(f"{path}:{number}: each JSONL line needs a \"prompt\" string, got {line[:80]!r}")
             if "image" in record:
+                if not isinstance(record["image"], str):
+                    raise ValueError(f"{path}:{number}: \"image\" must be a path string, got {record['image']!r}")
                 image = Path(record["image"])
                 record["image"] = str(image if image.is_absolute() else path.parent / image)
+                load_image(record["image"], "image", referenced_from=f"{path}:{number}")
             entries.append(record)
     else:
-        entries = [{"prompt": line.strip()} for line in path.read_text().splitlines() if line.strip()]
+        entries = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
     if not entries:
         raise ValueError(f"prompt file {str(path)!r} has no prompts")
     seen: dict[str, dict] = {}
@@ -104,8 +112,8 @@ def preprocess(model: str, path: str | Path, prompts: str | Path, out: str | Pat
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if dtype not in dtypes:
         raise ValueError(f"dtype = {dtype!r} must be one of {', '.join(dtypes)}")
+    entries = read_prompt_file(prompts)  # first: a bad prompt file or image is reported before anything loads
     root = check_layout(path, model, cls.components())
-    entries = read_prompt_file(prompts)
     if model in CFG_MODELS and all(e["prompt"] != EMPTY_PROMPT for e in entries):
         entries = [{"prompt": EMPTY_PROMPT}] + entries  # the unconditional branch of CFG
     encoder = cls(root, torch.device(device), dtypes[dtype], **options)

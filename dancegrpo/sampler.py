@@ -80,21 +80,43 @@ class _StepNoise:
         return entry[0]
 
 
+def floor_model_time(sigmas: torch.Tensor, resolution: int | None) -> torch.Tensor:
+    """The denoiser's time input for noise levels `sigmas` (any shape, float32): `sigmas`
+    itself when `resolution` is None, else ``floor(sigmas * resolution) / resolution``
+    computed in the dtype of `sigmas`, which for float32 sigmas and resolution 1000 is the
+    authors' release ``int(sigma * 1000)`` (divided by 1000 again for FLUX).
+
+    Raises ValueError for a resolution < 1.
+    """
+    if resolution is None:
+        return sigmas
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"model_time_resolution = {resolution!r} must be an integer >= 1 (or None)")
+    return torch.floor(sigmas * resolution) / resolution
+
+
 class FlowSampler(_StepNoise):
-    """Rectified flow on a time-shifted sigma schedule (FLUX, HunyuanVideo, SkyReels)."""
+    """Rectified flow on a time-shifted sigma schedule (FLUX, HunyuanVideo, SkyReels).
+
+    `model_time_resolution` (None or N >= 1): the model's time input is sigma, or sigma floored
+    to a multiple of 1/N (`floor_model_time`); the step rule always uses the exact sigmas.
+    """
 
     prediction = "flow"
 
     def __init__(self, num_steps: int, shift: float, eta: float, form: str = "dancegrpo", device=None,
-                 sde_window=None, cuda_graph: bool = False):
+                 sde_window=None, cuda_graph: bool = False, model_time_resolution: int | None = None):
         self.num_steps = num_steps
         self._init_graph(cuda_graph, device)
         self._init_noise(num_steps, eta, sde_window, device)
         self.form = form
         self.sigmas = sde.flow_sigmas(num_steps, shift, device=device)
+        self.model_time_resolution = model_time_resolution
+        self.model_times = floor_model_time(self.sigmas, model_time_resolution)
 
     def model_time(self, step: torch.Tensor) -> torch.Tensor:
-        return self.sigmas[step]
+        """(B,) float32 time input of the denoiser at steps `step` (B,): see the class note."""
+        return self.model_times[step]
 
     def _device(self) -> torch.device:
         return self.sigmas.device
@@ -110,7 +132,7 @@ class FlowSampler(_StepNoise):
             self.eta_at(step, eta), form=self.form, sigma_max=self.sigmas[1])
 
     def to(self, device) -> "FlowSampler":
-        self.sigmas = self.sigmas.to(device)
+        self.sigmas, self.model_times = self.sigmas.to(device), self.model_times.to(device)
         self._to_noise(device)
         return self
 
@@ -151,11 +173,18 @@ class DDIMSampler(_StepNoise):
 
 
 def build_sampler(prediction: str, num_steps: int, eta: float, shift: float = 1.0,
-                  form: str = "dancegrpo", device=None, sde_window=None, cuda_graph: bool = False):
-    """A FlowSampler or DDIMSampler; ``cuda_graph`` (CUDA only, else ValueError) makes rollouts
-    replay each chunk's denoising loop from a CUDA graph (see dancegrpo.cuda_graph)."""
+                  form: str = "dancegrpo", device=None, sde_window=None, cuda_graph: bool = False,
+                  model_time_resolution: int | None = None):
+    """The sampler of a model's prediction type. ``cuda_graph`` (CUDA only, else ValueError) makes
+    rollouts replay each chunk's denoising loop from a CUDA graph (see dancegrpo.cuda_graph).
+    `model_time_resolution` applies to flow models only (DDIM's time input is already an integer
+    timestep): ValueError for "ddim"."""
     if prediction == "flow":
-        return FlowSampler(num_steps, shift, eta, form, device=device, sde_window=sde_window, cuda_graph=cuda_graph)
+        return FlowSampler(num_steps, shift, eta, form, device=device, sde_window=sde_window, cuda_graph=cuda_graph,
+                           model_time_resolution=model_time_resolution)
     if prediction == "ddim":
+        if model_time_resolution is not None:
+            raise ValueError(f"sampler.model_time_resolution = {model_time_resolution} applies to flow models only: "
+                             "this model is DDIM, whose time input is already an integer timestep; remove it")
         return DDIMSampler(num_steps, eta, device=device, sde_window=sde_window, cuda_graph=cuda_graph)
     raise ValueError(f"unknown model prediction type {prediction!r}: expected 'flow' or 'ddim'")

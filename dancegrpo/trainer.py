@@ -75,16 +75,16 @@ class UpdatePlan:
 
 
 def plan_updates(chunks: list[torch.Tensor], trainable_steps: list[int], tau: float, num_updates: int,
-                 generator: torch.Generator) -> UpdatePlan:
-    """Pick ceil(tau*K) of the K trainable (stochastic) steps per chunk, shuffle the
-    (chunk, step) pairs, split into updates.
+                 generator: torch.Generator, tau_rounding: str = "ceil") -> UpdatePlan:
+    """Pick ceil(tau*K) (tau_rounding "floor": int(K*tau)) of the K trainable steps per chunk,
+    shuffle the (chunk, step) pairs, split into updates.
 
     Steps are chosen per chunk (not per sample) because a micro-batch must be a rollout
     chunk at one step for its log-prob to be recomputed bit-identically.
     """
     if not trainable_steps:
         raise ValueError("no stochastic sampler steps to train on: set sampler.eta > 0")
-    picks = grpo.subsample_timesteps(len(chunks), len(trainable_steps), tau, generator=generator)
+    picks = grpo.subsample_timesteps(len(chunks), len(trainable_steps), tau, generator=generator, rounding=tau_rounding)
     pairs = [(chunks[c], trainable_steps[int(k)]) for c in range(len(chunks)) for k in picks[c]]
     order = torch.randperm(len(pairs), generator=generator).tolist()
     pairs = [pairs[i] for i in order]
@@ -274,9 +274,11 @@ class Trainer:
             broadcast_parameters(self.policy)  # every rank starts from rank 0's weights
         self.sampler = build_sampler(self.adapter.prediction, cfg.sampler.num_steps, cfg.sampler.eta,
                                      cfg.sampler.shift, cfg.sampler.sde_form, device=self.device,
-                                     sde_window=cfg.sampler.sde_window, cuda_graph=cfg.sampler.cuda_graph)
+                                     sde_window=cfg.sampler.sde_window, cuda_graph=cfg.sampler.cuda_graph,
+                                     model_time_resolution=cfg.sampler.model_time_resolution)
         self.eval_sampler = build_sampler(self.adapter.prediction, cfg.sampler.eval_num_steps or cfg.sampler.num_steps,
-                                          0.0, cfg.sampler.shift, cfg.sampler.sde_form, device=self.device)
+                                          0.0, cfg.sampler.shift, cfg.sampler.sde_form, device=self.device,
+                                          model_time_resolution=cfg.sampler.model_time_resolution)
         sta = getattr(self.adapter, "sta", None)
         if sta is not None:  # sliding-tile attention picks its window by sampling step
             sta.set_schedule(self.sampler.model_time(torch.arange(self.sampler.num_steps, device=self.device)))
@@ -430,6 +432,7 @@ class Trainer:
         self.policy.train()
         update_stats = self._update(rollout, advantages, scores.valid, cond, self._generator("plan", it))
         timings["time/update"] = time.perf_counter() - start
+        lr = self.scheduler.get_last_lr()[0]  # the rate this iteration's updates used (logged below)
         with warnings.catch_warnings():
             # The schedule is per iteration, also for one whose updates were all dropped;
             # torch's "scheduler before optimizer" warning does not apply.
@@ -449,7 +452,7 @@ class Trainer:
         metrics["reward/zero_advantage_groups"] = int((dp.gather_rows(advantages, group).view(-1, group)
                                                        .abs().sum(1) == 0).sum())
         metrics.update(update_stats)
-        metrics["lr"] = self.scheduler.get_last_lr()[0]
+        metrics["lr"] = lr
         metrics.update(timings)
         return metrics
 
@@ -507,8 +510,10 @@ class Trainer:
         micro-step (only one per update, for the non-finite gradient check).
         """
         cfg, g = self.cfg, self.cfg.grpo
-        plan = plan_updates(rollout.chunks, self.sampler.stochastic_steps, g.tau, cfg.trainer.updates_per_iteration,
-                            plan_gen)
+        trainable = [s for s in self.sampler.stochastic_steps  # the release never trains the final step
+                     if not (g.exclude_last_step and s == self.sampler.num_steps - 1)]
+        plan = plan_updates(rollout.chunks, trainable, g.tau, cfg.trainer.updates_per_iteration,
+                            plan_gen, tau_rounding=g.tau_rounding)
         valid_host = valid.cpu()  # counts below come from here, not from device tensors
         zero = torch.zeros((), device=self.device)
         stats = dict(ratio_sum=zero.clone(), clipped=zero.clone(), kl=zero.clone(), loss=zero.clone(),

@@ -33,6 +33,7 @@ FULL_YAML = textwrap.dedent("""\
       eval_num_steps: 28
       sde_window: [0, 8]
       cuda_graph: false
+      model_time_resolution: 1000
     data:
       train_prompts: prompts/train.txt
       eval_prompts: toy:eval
@@ -50,6 +51,8 @@ FULL_YAML = textwrap.dedent("""\
       group_size: 8
       prompts_per_iteration: 16
       tau: 1.0
+      tau_rounding: floor
+      exclude_last_step: true
       clip_range: 0.001
       adv_clip_max: 3.0
       best_of_n_keep: 4

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from dancegrpo.cli import main
 from dancegrpo.config import load_config
@@ -29,12 +30,15 @@ def test_prompt_files_text_and_jsonl(tmp_path):
     text.write_text("a cat\n\n  a dog  \na cat\n")
     assert read_prompt_file(text) == [{"prompt": "a cat"}, {"prompt": "a dog"}]
     jsonl = tmp_path / "sub" / "p.jsonl"
-    jsonl.parent.mkdir()
-    jsonl.write_text('{"prompt": "a cat", "image": "img/cat.png"}\n{"prompt": "a dog", "image": "/abs/dog.png"}\n')
+    (jsonl.parent / "img").mkdir(parents=True)
+    for image in (jsonl.parent / "img" / "cat.png", tmp_path / "dog.png", jsonl.parent / "a.png", jsonl.parent / "b.png"):
+        Image.new("RGB", (4, 4)).save(image)
+    jsonl.write_text('{"prompt": "a cat", "image": "img/cat.png"}\n'
+                     + json.dumps({"prompt": "a dog", "image": str(tmp_path / "dog.png")}) + "\n")
     entries = read_prompt_file(jsonl)
-    assert entries[0]["image"] == str(jsonl.parent / "img" / "cat.png") and entries[1]["image"] == "/abs/dog.png"
+    assert entries[0]["image"] == str(jsonl.parent / "img" / "cat.png") and entries[1]["image"] == str(tmp_path / "dog.png")
     jsonl.write_text('{"prompt": "a cat"}\n{"prompt": oops}\n')
-    with pytest.raises(ValueError, match=r"p.jsonl:2: not valid JSON"):
+    with pytest.raises(ValueError, match=r"p.jsonl:2:12: JSONL prompt line is not valid JSON"):
         read_prompt_file(jsonl)
     jsonl.write_text('{"prompt": "a cat", "image": "a.png"}\n{"prompt": "a cat", "image": "b.png"}\n')
     with pytest.raises(ValueError, match="appears twice with different extras"):

@@ -7,7 +7,6 @@ file; here the whole expected layout is stated up front, with what is missing.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,15 +78,15 @@ def check_layout(path: str | Path, model: str, components: list[Component]) -> P
         raise CheckpointLayoutError(
             f"{model}: checkpoint {str(root)!r} is incomplete: missing {', '.join(problems)}. "
             f"Expected layout: {expected_layout(components)}")
-    try:
-        json.loads((root / "model_index.json").read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointLayoutError(f"{model}: {root / 'model_index.json'} is not valid JSON ({err})") from err
+    read_json(root / "model_index.json", model)
     return root
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, model: str = "") -> dict:
+    """A checkpoint's JSON file; CheckpointLayoutError naming the file (and line, column) if it
+    is missing, not UTF-8 or not JSON."""
+    from ..io_errors import load_json
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointLayoutError(f"cannot read {path}: {err}") from err
+        return load_json(path, "checkpoint file")
+    except (OSError, ValueError) as err:
+        raise CheckpointLayoutError(f"{model + ': ' if model else ''}{err}") from None

@@ -100,8 +100,10 @@ class PromptCache:
                     f"{models if isinstance(models, str) else (models or ('<name>',))[0]} --path <checkpoint> "
                     "--prompts <file> --out <folder>`)")
             raise PromptCacheError(f"prompt cache: {which}{hint}")
-        index = json.loads(index_path.read_text())
-        if index.get("format") != FORMAT_VERSION:
+        from ..io_errors import check_safetensors, load_json
+        index = load_json(index_path, "prompt cache index")
+        if not isinstance(index, dict) or index.get("format") != FORMAT_VERSION:
+            index = index if isinstance(index, dict) else {}
             raise PromptCacheError(f"prompt cache {str(self.directory)!r}: format {index.get('format')!r}, "
                                    f"this version reads format {FORMAT_VERSION}; rerun `dancegrpo preprocess`")
         allowed = (models,) if isinstance(models, str) else models
@@ -111,6 +113,12 @@ class PromptCache:
         missing = [s for s in index["shards"] if not (self.directory / s).is_file()]
         if missing:
             raise PromptCacheError(f"prompt cache {str(self.directory)!r} is incomplete: missing {', '.join(missing)}")
+        for shard in index["shards"]:  # headers only: a truncated or foreign shard is refused before any work
+            names = check_safetensors(self.directory / shard, "prompt cache shard")
+            absent = sorted(set(index["tensors"]) - set(names))
+            if absent:
+                raise PromptCacheError(f"prompt cache shard {str(self.directory / shard)!r} lacks the tensors {absent} "
+                                       f"that {INDEX_FILE} lists; rerun `dancegrpo preprocess`")
         self.model: str = index["model"]
         self.meta: dict = index["meta"]
         self.tensors: dict[str, dict] = index["tensors"]

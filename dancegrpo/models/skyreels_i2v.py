@@ -116,7 +116,7 @@ class SkyReelsPromptEncoder(HunyuanPromptEncoder):
 
     @torch.no_grad()
     def encode(self, prompts: list[str], extras: list[dict] | None = None) -> dict[str, torch.Tensor]:
-        from PIL import Image
+        from ..io_errors import load_image
         out = super().encode(prompts, extras)
         factor = self.vae.config.spatial_compression_ratio
         shape = (self.vae.config.latent_channels, 1, self.height // factor, self.width // factor)
@@ -128,10 +128,8 @@ class SkyReelsPromptEncoder(HunyuanPromptEncoder):
                                      "file with {\"prompt\": ..., \"image\": path} lines")
                 latents.append(torch.zeros(shape))
                 continue
-            path = Path(entry["image"])
-            if not path.is_file():
-                raise FileNotFoundError(f"skyreels_i2v preprocess: image {str(path)!r} of prompt {short_repr(prompt)} not found")
-            pixels = self.processor.preprocess(Image.open(path).convert("RGB"), height=self.height, width=self.width)
+            image = load_image(entry["image"], f"skyreels_i2v preprocess: image of prompt {short_repr(prompt)}")
+            pixels = self.processor.preprocess(image, height=self.height, width=self.width)
             posterior = self.vae.encode(pixels.to(self.device, self.vae.dtype).unsqueeze(2)).latent_dist
             latents.append((posterior.mode() * self.vae.config.scaling_factor)[0].float().cpu())
         out["image_latents"] = torch.stack(latents).to(self.dtype)

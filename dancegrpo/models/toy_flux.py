@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, FluxTransformer2DModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..attention.backends import install_attention_backend
@@ -109,8 +109,9 @@ class ToyTextEncoder(nn.Module):
         for name in ("config.json", "model.safetensors"):
             if not (directory / name).is_file():
                 raise FileNotFoundError(f"toy text encoder: missing {directory / name}")
-        encoder = cls(**json.loads((directory / "config.json").read_text()))
-        encoder.load_state_dict(load_file(str(directory / "model.safetensors")))
+        from ..io_errors import load_json, load_tensor_file
+        encoder = cls(**load_json(directory / "config.json", "toy text encoder config"))
+        encoder.load_state_dict(load_tensor_file(directory / "model.safetensors", "toy text encoder weights"))
         return encoder
 
 
@@ -245,7 +246,8 @@ class ToyFluxGenerator(nn.Module):
                 f"{directory} is not a toy_flux checkpoint: missing {index}. Expected layout: "
                 "model_index.json, transformer/{config.json,diffusion_pytorch_model.safetensors}, "
                 "text_encoder/{config.json,model.safetensors}")
-        meta = json.loads(index.read_text())
+        from ..io_errors import load_json
+        meta = load_json(index, "toy_flux model index")
         transformer = FluxTransformer2DModel.from_pretrained(directory, subfolder="transformer")
         text_encoder = ToyTextEncoder.from_pretrained(directory / "text_encoder")
         vae = None

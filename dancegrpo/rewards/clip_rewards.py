@@ -16,7 +16,6 @@ Files (downloads the user makes; weights cannot be fetched by this package):
 """
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 from typing import Callable
@@ -206,8 +205,9 @@ class PickScoreReward(CLIPFamilyReward):
         self.model = cached(("pickscore", str(model_dir.resolve()), self.dtype),
                             lambda: CLIPModel.from_pretrained(str(model_dir), dtype=self.dtype).eval().requires_grad_(False))
         self.tokenizer = CLIPTokenizer.from_pretrained(str(proc_dir))
+        from ..io_errors import load_json
         self.transform = ImageTransform.from_preprocessor_config(
-            json.loads((proc_dir / "preprocessor_config.json").read_text()))
+            load_json(proc_dir / "preprocessor_config.json", "PickScore preprocessor config"))
 
     def _image_features(self, pixels: Tensor) -> Tensor:
         return F.normalize(_features(self.model.get_image_features(pixel_values=pixels)).float(), dim=-1)

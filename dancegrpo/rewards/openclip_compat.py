@@ -19,7 +19,6 @@ it does, but do not depend on ftfy (it only changes mis-encoded unicode).
 from __future__ import annotations
 
 import html
-import json
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -80,7 +79,10 @@ class OpenCLIPConfig:
     @classmethod
     def from_file(cls, path: str | Path) -> "OpenCLIPConfig":
         """A model config JSON, or an `open_clip_config.json` (config under "model_cfg")."""
-        data = json.loads(Path(path).read_text())
+        from ..io_errors import load_json
+        data = load_json(path, "open_clip model config")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: an open_clip model config must be a JSON object, got {type(data).__name__}")
         return cls.from_dict(data.get("model_cfg", data))
 
 
@@ -216,20 +218,14 @@ class OpenCLIP(nn.Module):
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """Tensors of a `.safetensors` file, or of a torch file holding a state dict, possibly under
     "state_dict" (HPS checkpoints) and possibly with DDP's "module." prefix."""
+    from ..io_errors import load_tensor_file
     path = Path(path)
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-        state = load_file(str(path))
-    else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # pickles with arbitrary objects are refused on purpose
-            raise ValueError(f"cannot read {path} as a tensor-only torch file ({err}); "
-                             "re-save its state dict with torch.save({'state_dict': sd}, path)") from err
-        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-            state = state["state_dict"]
+    state = load_tensor_file(path, "checkpoint")  # names the file when it is missing, truncated or pickles objects
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state dict of tensors")
+        raise ValueError(f"checkpoint {str(path)!r} does not hold a state dict of tensors (got "
+                         f"{type(state).__name__}): expected name -> tensor, possibly under \"state_dict\"")
     if state and all(k.startswith("module.") for k in state):
         state = {k[len("module."):]: v for k, v in state.items()}
     return state

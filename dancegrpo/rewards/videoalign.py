@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import ast
 import glob
-import json
 import math
 import threading
 from dataclasses import dataclass
@@ -148,7 +147,10 @@ class VideoAlignConfig:
 
     @classmethod
     def from_file(cls, path: Path) -> "VideoAlignConfig":
-        raw = json.loads(path.read_text())
+        from ..io_errors import load_json
+        raw = load_json(path, "VideoAlign model config")
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a VideoAlign model config must be a JSON object, got {type(raw).__name__}")
         data, model, lora = raw.get("data_config", {}), raw.get("model_config", {}), raw.get("peft_lora_config", {})
         cfg = cls(base_model=model.get("model_name_or_path"), output_dim=model.get("output_dim", 1),
                   use_special_tokens=model.get("use_special_tokens", False),
@@ -172,7 +174,8 @@ def load_prompt_template(path: str | Path, template_type: str) -> str:
     (read with `ast`, not imported) or from a plain text file."""
     path = require_file(path, "VideoAlign prompt template",
                         "prompt_template.py from github.com/KwaiVGI/VideoAlign")
-    text = path.read_text()
+    from ..io_errors import read_text
+    text = read_text(path, "VideoAlign prompt template")
     if path.suffix == ".py":
         wanted = TEMPLATE_CONSTANTS.get(template_type)
         if wanted is None:
@@ -228,10 +231,11 @@ def _latest_checkpoint(root: Path, step: int | None) -> Path:
 
 
 def _read_torch(path: Path) -> dict[str, Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"cannot read {path} as a tensor-only torch file ({err})") from err
+    from ..io_errors import load_tensor_file
+    state = load_tensor_file(path, "VideoAlign weights")
+    if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ValueError(f"VideoAlign weights {str(path)!r} do not hold a state dict of tensors (got {type(state).__name__})")
+    return state
 
 
 # ---------------------------------------------------------------- the model
@@ -312,8 +316,7 @@ def load_videoalign_model(path: Path, cfg: VideoAlignConfig, base_model: Path, t
                                 f"the Hugging Face repo {VIDEOREWARD_REPO}")
         adapter = require_file(ckpt / "adapter_model.safetensors", "VideoAlign LoRA adapter",
                                f"the Hugging Face repo {VIDEOREWARD_REPO}")
-        from safetensors.torch import load_file
-        raw, lora = _read_torch(non_lora), load_file(str(adapter))
+        raw, lora = _read_torch(non_lora), _read_torch(adapter)
     state = {normalize_key(k): v for k, v in raw.items()}
     state.pop(None, None)
     embed_key = "backbone.model.language_model.embed_tokens.weight"
@@ -331,7 +334,8 @@ def load_videoalign_model(path: Path, cfg: VideoAlignConfig, base_model: Path, t
         adapter_cfg = ckpt / "adapter_config.json"
         r, alpha, rslora = cfg.lora_r, cfg.lora_alpha, cfg.use_rslora
         if adapter_cfg.is_file():
-            a = json.loads(adapter_cfg.read_text())
+            from ..io_errors import load_json
+            a = load_json(adapter_cfg, "VideoAlign LoRA adapter config")
             r, alpha, rslora = a.get("r", r), a.get("lora_alpha", alpha), a.get("use_rslora", rslora)
         lora = {normalize_key(k): v for k, v in lora.items()}
         lora.pop(None, None)
@@ -402,12 +406,14 @@ class VideoAlignScorer:
         if cfg.use_special_tokens:
             tokenizer.add_special_tokens({"additional_special_tokens": list(SPECIAL_TOKENS)})
         if tokenizer.chat_template is None and (base_dir / "chat_template.json").is_file():
-            tokenizer.chat_template = json.loads((base_dir / "chat_template.json").read_text())["chat_template"]
+            from ..io_errors import load_json
+            tokenizer.chat_template = load_json(base_dir / "chat_template.json", "chat template")["chat_template"]
         if tokenizer.chat_template is None:
             raise FileNotFoundError(f"no chat template in {base_dir} (tokenizer_config.json or chat_template.json)")
         self.tokenizer = tokenizer
         proc_file = base_dir / "preprocessor_config.json"
-        proc = json.loads(proc_file.read_text()) if proc_file.is_file() else {}
+        from ..io_errors import load_json
+        proc = load_json(proc_file, "image preprocessor config") if proc_file.is_file() else {}
         self.patch_size = proc.get("patch_size", 14)
         self.merge_size = proc.get("merge_size", 2)
         self.temporal_patch_size = proc.get("temporal_patch_size", 2)

@@ -126,7 +126,8 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="configs/toy_autoencoder.yaml")
     parser.add_argument("--output-dir", default=None)
     args = parser.parse_args(argv)
-    cfg = AutoencoderConfig(**(yaml.safe_load(Path(args.config).read_text()) or {}))
+    from ..io_errors import load_yaml
+    cfg = AutoencoderConfig(**(load_yaml(args.config, "autoencoder config file") or {}))
     if args.output_dir:
         cfg.output_dir = args.output_dir
     train_autoencoder(cfg)

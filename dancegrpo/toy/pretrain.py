@@ -175,7 +175,8 @@ def main(argv=None) -> None:
     parser.add_argument("--output-dir", default=None)
     parser.add_argument("--steps", type=int, default=None)
     args = parser.parse_args(argv)
-    data = yaml.safe_load(Path(args.config).read_text()) or {}
+    from ..io_errors import load_yaml
+    data = load_yaml(args.config, "pretraining config file") or {}
     cfg = PretrainConfig(**data)
     if args.output_dir:
         cfg.output_dir = args.output_dir

@@ -68,6 +68,26 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: str = "fp32", r
     return model
 
 
+def trainable_after_sharding(trainable: nn.Module) -> None:
+    """Make `trainable` hold the sharded parameters after `shard_model` ran on the denoiser.
+
+    The trainable module is the sharded denoiser itself (full fine-tune) or holds some of its
+    parameters (LoRA's `LoraParameters`, which `rebind()`s to the new ones): `fully_shard`
+    replaced every parameter by a DTensor Parameter, and the optimizer, EMA and checkpoints must
+    see those. Raises RuntimeError naming a parameter that is still a plain tensor (it would
+    be trained on this rank alone, never gathered nor reduced).
+    """
+    from torch.distributed.tensor import DTensor
+    rebind = getattr(trainable, "rebind", None)
+    if callable(rebind):
+        rebind()
+    plain = [name for name, param in trainable.named_parameters() if not isinstance(param, DTensor)]
+    if plain:
+        raise RuntimeError(f"{type(trainable).__name__}: {len(plain)} trainable parameter(s) are not sharded by FSDP "
+                           f"(first: {plain[0]}); the trainable module must be the sharded denoiser or hold its "
+                           f"parameters (with a rebind() method to pick up the sharded ones)")
+
+
 def is_sharded(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule
     return isinstance(model, FSDPModule)

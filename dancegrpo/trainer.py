@@ -254,6 +254,7 @@ class Trainer:
     def _setup_parallel(self):
         """(DataParallel, DeviceMesh or None): join torchrun's process group when WORLD_SIZE > 1."""
         par = self.cfg.parallel
+        from .distributed.compat import check_option_pairs
         from .distributed.launch import init_process_group, launched_world_size
         if launched_world_size() == 1:
             for name, on in (("parallel.sp_size", par.sp_size != 1), ("parallel.fsdp.enabled", par.fsdp.enabled)):
@@ -261,7 +262,9 @@ class Trainer:
                     raise ValueError(f"{name} needs several processes: launch with torchrun "
                                      f"(e.g. `torchrun --nproc_per_node 8 -m dancegrpo.cli train ...`), "
                                      "or turn it off for a single process")
+            check_option_pairs(self.cfg)
             return DataParallel(placement=par.group_placement), None
+        check_option_pairs(self.cfg)  # before any weights are read
         from .distributed.mesh import build_mesh
         init_process_group("gloo" if self.device.type == "cpu" else None)  # NCCL only for GPU tensors
         if self.device.type == "cuda":  # each process its own GPU: LOCAL_RANK's (set when joining)

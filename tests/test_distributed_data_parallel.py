@@ -94,13 +94,16 @@ def _worker(rank: int, port: int, config: dict, out_dir: str, start: str, world:
 
 
 def _config(tiny_config: dict, placement: str, fsdp: bool, shard_size: int | None = None,
-            lora_flux: tuple | None = None) -> dict:
+            lora_flux: tuple | None = None, frozen_dtype: str = "float32") -> dict:
     cfg = copy.deepcopy(tiny_config)
     if lora_flux is not None:  # (checkpoint, prompt cache) of the tiny FLUX: train rank-2 LoRA weights on it
         ckpt, cache = lora_flux
         cfg["model"] = {"name": "flux", "path": str(ckpt), "options": {
-            "prompt_cache": str(cache), "height": 16, "width": 24, "lora": {"rank": 2, "alpha": 4}}}
+            "prompt_cache": str(cache), "height": 16, "width": 24, "lora": {"rank": 2, "alpha": 4},
+            "frozen_dtype": frozen_dtype}}
         cfg["data"]["train_prompts"] = str(cache / "prompts.txt")
+        if frozen_dtype == "bfloat16":  # a bf16 base computes under bf16 autocast (fp32 LoRA master weights)
+            cfg["run"]["autocast_dtype"] = "bf16"
     cfg["data"]["eval_prompts"] = ""
     cfg["grpo"].update(prompts_per_iteration=4, group_size=4, tau=1.0)
     # tau 1 and one update: the update holds every (chunk, step) pair, as in the reference.
@@ -134,13 +137,15 @@ def _global_batch(ranks: list[dict], placement: str, num_prompts: int, group_siz
 
 
 @pytest.mark.parametrize("placement,fsdp,world,shard_size,lora", [
-    ("rank", False, WORLD, None, False), ("spread", True, WORLD, None, False),
-    ("spread", True, WORLD, None, True),  # LoRA weights trained, the frozen base sharded with them
-    ("rank", True, 4, 2, True),  # HSDP (2 replicas x 2 shards), of a LoRA model: the one 4-process case
-], ids=["dp", "fsdp", "fsdp-lora", "hsdp-lora"])
+    ("rank", False, WORLD, None, None), ("spread", True, WORLD, None, None),
+    ("spread", True, WORLD, None, "float32"),  # LoRA weights trained, the frozen base sharded with them
+    # HSDP (2 replicas x 2 shards) of a LoRA model on a bf16 base: the one 4-process case
+    ("rank", True, 4, 2, "bfloat16"),
+], ids=["dp", "fsdp", "fsdp-lora", "hsdp-lora-bf16-base"])
 def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, request, placement, fsdp, world,
                                                        shard_size, lora):
-    cfg = _config(tiny_config, placement, fsdp, shard_size, request.getfixturevalue("tiny_flux") if lora else None)
+    cfg = _config(tiny_config, placement, fsdp, shard_size, request.getfixturevalue("tiny_flux") if lora else None,
+                  lora or "float32")
     single = copy.deepcopy(cfg)
     del single["parallel"]
     # Everyone starts from a single-process checkpoint after one iteration, so the step below also

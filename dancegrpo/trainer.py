@@ -42,6 +42,7 @@ from .data import load_prompts, prompts_for_iteration
 from .metrics import MetricsLogger
 from .models import load_model, repeat_cond
 from .models.base import FrozenReference, index_cond
+from .models.train_mode import check_mode_independent
 from .profiling import nvtx_range
 from .rewards import RewardEntry, RewardFn, RewardScores, RewardSet, build_reward
 from .rewards.async_scorer import AsyncScorer
@@ -270,6 +271,8 @@ class Trainer:
         self.adapter.to(self.device)
         self.policy = self.adapter.trainable
         self.policy.requires_grad_(True).train()
+        # Rollouts run in eval mode, updates in train mode: refuse modules (dropout...) for which they differ.
+        check_mode_independent(self.policy, self.adapter if isinstance(self.adapter, torch.nn.Module) else None)
         if self.dp.enabled:
             broadcast_parameters(self.policy)  # every rank starts from rank 0's weights
         self.sampler = build_sampler(self.adapter.prediction, cfg.sampler.num_steps, cfg.sampler.eta,
@@ -317,6 +320,7 @@ class Trainer:
     def _setup_parallel(self):
         """(DataParallel, DeviceMesh or None): join torchrun's process group when WORLD_SIZE > 1."""
         par = self.cfg.parallel
+        from .distributed.compat import check_option_pairs
         from .distributed.launch import init_process_group, launched_world_size
         if launched_world_size() == 1:
             for name, on in (("parallel.sp_size", par.sp_size != 1), ("parallel.fsdp.enabled", par.fsdp.enabled)):
@@ -324,7 +328,9 @@ class Trainer:
                     raise ValueError(f"{name} needs several processes: launch with torchrun "
                                      f"(e.g. `torchrun --nproc_per_node 8 -m dancegrpo.cli train ...`), "
                                      "or turn it off for a single process")
+            check_option_pairs(self.cfg)
             return DataParallel(placement=par.group_placement), None
+        check_option_pairs(self.cfg)  # before any weights are read
         from .distributed.mesh import build_mesh
         init_process_group("gloo" if self.device.type == "cpu" else None)  # NCCL only for GPU tensors
         if self.device.type == "cuda":  # each process its own GPU: LOCAL_RANK's (set when joining)
@@ -345,34 +351,46 @@ class Trainer:
                              "'rank' with it (or best_of_n_keep null)")
         return dp, mesh
 
-    def _install_sequence_parallel(self, group):
+    def _install_sequence_parallel(self, denoiser, group):
         """Ulysses on the denoiser; sliding-tile attention, if the adapter has it, keeps running inside
         (per-head windows cut to this rank's heads; its controller keeps the trainer's step schedule)."""
         from .distributed import install_ulysses
         sta = getattr(self.adapter, "sta", None)
         if sta is None:
-            return install_ulysses(self.policy, group)
+            return install_ulysses(denoiser, group)
         from .distributed.ulysses import group_rank, group_size
         from .distributed.ulysses_sta import _HeadShardController, _sta_attend
-        shard = _HeadShardController(sta, self.policy.config.num_attention_heads, group_size(group), group_rank(group))
-        return install_ulysses(self.policy, group, attend_for_layer=lambda layer: _sta_attend(shard, layer))
+        shard = _HeadShardController(sta, denoiser.config.num_attention_heads, group_size(group), group_rank(group))
+        return install_ulysses(denoiser, group, attend_for_layer=lambda layer: _sta_attend(shard, layer))
 
     def _wrap_policy(self) -> bool:
-        """Sequence parallelism, then activation checkpointing and compile, then FSDP2. True if sharded."""
+        """Sequence parallelism, then activation checkpointing and compile, then FSDP2. True if sharded.
+
+        The wrappers go on the denoiser the adapter runs (`adapter.denoiser`, else the trainable
+        module), unwrapped from peft: for a full fine-tune that is the trainable module itself;
+        under LoRA it is the base model with its LoRA layers inside the blocks, while the trainer
+        keeps training, checkpointing and averaging `adapter.trainable` (the LoRA weights alone).
+        """
+        from .distributed.blocks import unwrap_denoiser
         par = self.cfg.parallel
+        denoiser = getattr(self.adapter, "denoiser", None)
+        denoiser = unwrap_denoiser(self.policy if denoiser is None else denoiser)
+        self._sharded_module = None
         if par.sp_size > 1:
-            self._ulysses = self._install_sequence_parallel(self.mesh["sp"].get_group())
+            self._ulysses = self._install_sequence_parallel(denoiser, self.mesh["sp"].get_group())
         if par.activation_checkpointing != "none" or par.compile_blocks:
             from .distributed.fsdp import apply_block_wrappers
-            apply_block_wrappers(self.policy, par.activation_checkpointing, par.checkpoint_every_n_blocks,
+            apply_block_wrappers(denoiser, par.activation_checkpointing, par.checkpoint_every_n_blocks,
                                  par.compile_blocks)
         if not par.fsdp.enabled:
             return False
-        from .distributed.fsdp import fsdp_mesh, shard_model
+        from .distributed.fsdp import fsdp_mesh, shard_model, trainable_after_sharding
         # Over every process (or HSDP groups of them): sequence-parallel ranks hold partial
         # gradients of the same replica, so FSDP reduces over all of them.
         mesh = fsdp_mesh(self.device.type, dist.get_world_size(), par.fsdp.shard_size)
-        shard_model(self.policy, mesh, par.fsdp.param_dtype, par.fsdp.reduce_dtype, par.fsdp.cpu_offload)
+        self._sharded_module = shard_model(denoiser, mesh, par.fsdp.param_dtype, par.fsdp.reduce_dtype,
+                                           par.fsdp.cpu_offload)
+        trainable_after_sharding(self.policy)
         return True
 
     def _generator(self, *keys) -> torch.Generator:
@@ -538,7 +556,7 @@ class Trainer:
                     if n == 0 and not self.sharded:
                         continue  # (FSDP: every rank must run every backward, even one of weight 0)
                     if self.sharded:  # reduce-scatter once per update, after its last micro-batch
-                        self.policy.set_requires_gradient_sync(m == len(micro_batches) - 1)
+                        self._sharded_module.set_requires_gradient_sync(m == len(micro_batches) - 1)
                     mask = valid[rows]
                     with nvtx_range("train_step"), self._autocast():
                         logp, mean, std = step_log_prob(self.adapter, self.sampler, rollout.latents, rows, step,
@@ -669,7 +687,7 @@ class Trainer:
         """Under FSDP, return every parameter to its sharded form (after a forward the root's
         parameters stay gathered), so named_parameters() gives the sharded DTensors again."""
         if self.sharded:
-            for module in self.policy.modules():
+            for module in self._sharded_module.modules():
                 if hasattr(module, "reshard"):
                     module.reshard()
 

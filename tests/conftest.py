@@ -45,3 +45,21 @@ def tiny_config(tmp_path, tiny_checkpoint):
     cfg["run"]["output_dir"] = str(tmp_path / "run")
     cfg["model"]["path"] = str(tiny_checkpoint)
     return cfg
+
+
+FLUX_SEQ = 24  # T5 sequence length of the tiny FLUX prompt cache (FLUX.1-dev: 512)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory):
+    """(checkpoint folder, prompt cache folder) of a tiny random FLUX.1-dev in the diffusers layout,
+    its prompt cache written by `dancegrpo preprocess` (fp32; tiny_models.PROMPTS)."""
+    from dancegrpo.cli import main
+    from tiny_models import PROMPTS, build_flux, write_prompts
+    root = tmp_path_factory.mktemp("flux")
+    ckpt = build_flux(root / "ckpt")
+    prompts = write_prompts(root / "prompts.txt", PROMPTS)
+    assert main(["preprocess", "--model", "flux", "--path", str(ckpt), "--prompts", str(prompts),
+                 "--out", str(root / "cache"), "--dtype", "float32", "--option", f"max_sequence_length={FLUX_SEQ}",
+                 "--no-progress"]) == 0
+    return ckpt, root / "cache"

@@ -8,7 +8,11 @@ run also checkpoints activations inside each sharded block, which the reference 
 adds a KL term to the frozen initial model, an unsharded copy on every rank).
 
 The FSDP ranks also write a sharded (DCP) checkpoint, which one process without FSDP resumes:
-weights, EMA, optimizer moments, LR schedule and iteration must come back exactly.
+weights, EMA, optimizer moments, LR schedule and iteration must come back exactly; and the
+`final_model/` they export holds their EMA weights exactly.
+
+The LoRA cases train a tiny FLUX's LoRA weights alone (the base frozen and, under FSDP/HSDP,
+sharded too) and check the same against a single-process LoRA run.
 """
 from __future__ import annotations
 
@@ -27,7 +31,7 @@ from dancegrpo.checkpoint import latest_checkpoint
 from dancegrpo.data import prompts_for_iteration
 from dancegrpo.distributed.blocks import checkpointed_blocks
 from dancegrpo.distributed.data_parallel import DataParallel
-from dancegrpo.models import repeat_cond
+from dancegrpo.models import load_model, repeat_cond
 from dancegrpo.rollout import Rollout
 from dancegrpo.trainer import Trainer
 
@@ -67,7 +71,8 @@ def _worker(rank: int, port: int, config: dict, out_dir: str, start: str, world:
         if trainer.sharded:  # HSDP shards over a 2D (replicate, shard) mesh, FSDP over a 1D one
             mesh = next(trainer.policy.parameters()).device_mesh
             assert mesh.ndim == (2 if config["parallel"]["fsdp"].get("shard_size") else 1)
-        assert bool(checkpointed_blocks(trainer.policy)) == ("activation_checkpointing" in config["parallel"])
+        denoiser = getattr(trainer.adapter, "denoiser", trainer.policy)  # LoRA: the peft model, not its weights
+        assert bool(checkpointed_blocks(denoiser)) == ("activation_checkpointing" in config["parallel"])
         seen = {}
         original = trainer._update
 
@@ -80,14 +85,25 @@ def _worker(rank: int, port: int, config: dict, out_dir: str, start: str, world:
         trainer._update = recording_update
         metrics = trainer.step()
         checkpoint = str(trainer.save()) if trainer.sharded else None
+        if trainer.sharded:  # gathered to rank 0 through a fresh copy of the model, EMA weights swapped in
+            trainer._save_final_model()
         torch.save({"batch": seen, **_full_state(trainer), "metrics": metrics, "checkpoint": checkpoint},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
-def _config(tiny_config: dict, placement: str, fsdp: bool, shard_size: int | None = None) -> dict:
+def _config(tiny_config: dict, placement: str, fsdp: bool, shard_size: int | None = None,
+            lora_flux: tuple | None = None, frozen_dtype: str = "float32") -> dict:
     cfg = copy.deepcopy(tiny_config)
+    if lora_flux is not None:  # (checkpoint, prompt cache) of the tiny FLUX: train rank-2 LoRA weights on it
+        ckpt, cache = lora_flux
+        cfg["model"] = {"name": "flux", "path": str(ckpt), "options": {
+            "prompt_cache": str(cache), "height": 16, "width": 24, "lora": {"rank": 2, "alpha": 4},
+            "frozen_dtype": frozen_dtype}}
+        cfg["data"]["train_prompts"] = str(cache / "prompts.txt")
+        if frozen_dtype == "bfloat16":  # a bf16 base computes under bf16 autocast (fp32 LoRA master weights)
+            cfg["run"]["autocast_dtype"] = "bf16"
     cfg["data"]["eval_prompts"] = ""
     cfg["grpo"].update(prompts_per_iteration=4, group_size=4, tau=1.0)
     # tau 1 and one update: the update holds every (chunk, step) pair, as in the reference.
@@ -120,12 +136,16 @@ def _global_batch(ranks: list[dict], placement: str, num_prompts: int, group_siz
     return Rollout(latents, log_probs, chunks), advantages, valid, cond
 
 
-@pytest.mark.parametrize("placement,fsdp,world,shard_size", [
-    ("rank", False, WORLD, None), ("spread", True, WORLD, None),
-    ("rank", True, 4, 2),  # HSDP: 2 replicas x 2 shards
-])
-def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, placement, fsdp, world, shard_size):
-    cfg = _config(tiny_config, placement, fsdp, shard_size)
+@pytest.mark.parametrize("placement,fsdp,world,shard_size,lora", [
+    ("rank", False, WORLD, None, None), ("spread", True, WORLD, None, None),
+    ("spread", True, WORLD, None, "float32"),  # LoRA weights trained, the frozen base sharded with them
+    # HSDP (2 replicas x 2 shards) of a LoRA model on a bf16 base: the one 4-process case
+    ("rank", True, 4, 2, "bfloat16"),
+], ids=["dp", "fsdp", "fsdp-lora", "hsdp-lora-bf16-base"])
+def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, request, placement, fsdp, world,
+                                                       shard_size, lora):
+    cfg = _config(tiny_config, placement, fsdp, shard_size, request.getfixturevalue("tiny_flux") if lora else None,
+                  lora or "float32")
     single = copy.deepcopy(cfg)
     del single["parallel"]
     # Everyone starts from a single-process checkpoint after one iteration, so the step below also
@@ -182,7 +202,23 @@ def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, pl
             if data["ema"] is not None:
                 torch.testing.assert_close(data["ema"][name], reference.ema[name], rtol=1e-5, atol=1e-5)
     if fsdp:
+        _check_final_model(single, ranks[0]["ema"])  # (which equals the single-process EMA, checked above)
         _check_resume_on_one_process(single, ranks[0])
+
+
+def _check_final_model(config: dict, ema: dict) -> None:
+    """`final_model/` (written by rank 0 from the shards) loads as the ranks' EMA weights, bit for bit."""
+    final = Path(config["run"]["output_dir"]) / "final_model"
+    model = config["model"]
+    options = dict(model.get("options", {}))
+    if "lora" in options:  # peft's adapter folder, loaded as a LoRA start point
+        options["lora"] = {**options["lora"], "init_from": str(final / "transformer_lora")}
+        loaded = load_model(model["name"], model["path"], options).trainable.state_dict()
+    else:
+        loaded = load_model(model["name"], str(final), options).trainable.state_dict()
+    assert loaded.keys() == ema.keys()
+    for name, value in ema.items():
+        torch.testing.assert_close(loaded[name], value, rtol=0, atol=0, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _check_resume_on_one_process(config: dict, saved: dict) -> None:

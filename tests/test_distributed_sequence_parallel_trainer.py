@@ -1,6 +1,6 @@
 """Ulysses inside the trainer: a training step of a tiny HunyuanVideo with sliding-tile attention on 2
 sequence-parallel gloo ranks (one data-parallel replica) equals the same step in one process: same
-rollout noise, same rewards, same update. On 2 x 2 ranks (two replicas, FSDP2 over all four) the
+rollout noise, same rewards, same update; also when only LoRA weights are trained. On 2 x 2 ranks (two replicas, FSDP2 over all four) the
 step is self-consistent (see the test)."""
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ def _worker(rank: int, port: int, config: dict, out_dir: str, world: int) -> Non
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     try:
+        torch.manual_seed(0)  # peft draws LoRA's initial A from the global generator: the same on every rank
         trainer = Trainer(config, rewards={"brightness": brightness})
         assert (trainer.dp.size, trainer.dp.world) == (world // config["parallel"]["sp_size"], world)
         assert trainer.sharded == config["parallel"].get("fsdp", False)
@@ -41,9 +42,11 @@ def _worker(rank: int, port: int, config: dict, out_dir: str, world: int) -> Non
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("world,parallel", [(WORLD, {"sp_size": 2}), (4, {"sp_size": 2, "fsdp": True})],
-                         ids=["sp2", "sp2xdp2-fsdp"])
-def test_sequence_parallel_step_equals_single_process_step(tmp_path, world, parallel):
+@pytest.mark.parametrize("world,parallel,lora", [(WORLD, {"sp_size": 2}, None),
+                                                 (WORLD, {"sp_size": 2}, {"rank": 2, "alpha": 4}),
+                                                 (4, {"sp_size": 2, "fsdp": True}, None)],
+                         ids=["sp2", "sp2-lora", "sp2xdp2-fsdp"])
+def test_sequence_parallel_step_equals_single_process_step(tmp_path, world, parallel, lora):
     ckpt = build_hunyuan_video(tmp_path / "ckpt")
     prompts = write_prompts(tmp_path / "prompts.txt", PROMPTS)
     assert main(["preprocess", "--model", "hunyuan_video", "--path", str(ckpt), "--prompts", str(prompts),
@@ -53,6 +56,8 @@ def test_sequence_parallel_step_equals_single_process_step(tmp_path, world, para
     # attention inside: a window per head (each rank keeps its head's), full attention at step 0.
     sta = {"window": [[1, 1, 1], [1, 2, 2]], "tile": [1, 2, 2], "full_attention_steps": 1, "backend": "reference"}
     options = {"prompt_cache": str(tmp_path / "cache"), "height": 32, "width": 48, "frames": 5, "sta": sta}
+    if lora:  # LoRA weights alone trained: Ulysses goes on the peft model's base transformer
+        options["lora"] = lora
     config = trainer_config(tmp_path / "run", "hunyuan_video", ckpt, options)
     config["grpo"]["tau"] = 1.0
 
@@ -73,6 +78,7 @@ def test_sequence_parallel_step_equals_single_process_step(tmp_path, world, para
                                            msg=lambda m, name=name, rank=rank: f"rank {rank} {name}: {m}")
         assert any(not torch.equal(saved[0]["weights"][k], v) for k, v in initial.items())
         return
+    torch.manual_seed(0)  # the ranks' LoRA initialisation
     reference = Trainer(config, rewards={"brightness": brightness})
     before = {k: v.clone() for k, v in reference.policy.state_dict().items()}
     expected = reference.step()

@@ -15,20 +15,14 @@ from dancegrpo.models.toy_flux import pack_latents
 from dancegrpo.rollout import ode_sample
 from dancegrpo.sampler import build_sampler
 from dancegrpo.trainer import Trainer
-from tiny_models import PROMPTS, brightness, build_flux, trainer_config, write_prompts
+from tiny_models import PROMPTS, brightness, trainer_config
 
-SEQ = 24  # T5 sequence length of the tiny cache (FLUX.1-dev: 512)
+SEQ = 24  # T5 sequence length of the tiny cache, conftest.FLUX_SEQ (FLUX.1-dev: 512)
 
 
-@pytest.fixture(scope="module")
-def flux(tmp_path_factory):
-    root = tmp_path_factory.mktemp("flux")
-    ckpt = build_flux(root / "ckpt")
-    prompts = write_prompts(root / "prompts.txt", PROMPTS)
-    assert main(["preprocess", "--model", "flux", "--path", str(ckpt), "--prompts", str(prompts),
-                 "--out", str(root / "cache"), "--dtype", "float32", "--option", f"max_sequence_length={SEQ}",
-                 "--no-progress"]) == 0
-    return ckpt, root / "cache"
+@pytest.fixture
+def flux(tiny_flux):
+    return tiny_flux  # (checkpoint, prompt cache), shared by the session (conftest)
 
 
 def options(cache, **extra):

@@ -63,6 +63,16 @@ def _selective_context():
     return create_selective_checkpoint_contexts(_selective_policy)
 
 
+def unwrap_denoiser(model: nn.Module) -> nn.Module:
+    """The diffusers model inside the wrappers that hold one: torch.compile's OptimizedModule
+    (`_orig_mod`) and peft's PeftModel (`get_base_model()`, whose LoRA layers stay in place
+    inside the blocks). Any other module is returned as is."""
+    inner = getattr(model, "_orig_mod", model)
+    if hasattr(inner, "get_base_model") and callable(inner.get_base_model):
+        inner = inner.get_base_model()
+    return inner
+
+
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a diffusers denoiser, in execution order: the units to checkpoint,
     compile and shard.
@@ -74,10 +84,7 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     - UNet2DConditionModel (SD v1.4): each ResNet block and each attention (Transformer2DModel)
       block of the down, mid and up stages, as diffusers' own gradient checkpointing wraps them.
     """
-    # Wrappers (PEFT's PeftModel, torch.compile's OptimizedModule) hold the diffusers model inside.
-    inner = getattr(model, "_orig_mod", model)
-    if hasattr(inner, "get_base_model") and callable(inner.get_base_model):
-        inner = inner.get_base_model()
+    inner = unwrap_denoiser(model)
     name = type(inner).__name__
     # FSDP2 swaps the class for a subclass "FSDP<Name>"; look through it.
     for cls in type(inner).__mro__:

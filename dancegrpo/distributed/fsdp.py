@@ -50,6 +50,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: str = "fp32", r
 
     param_dtype is the dtype blocks compute in after the all-gather, reduce_dtype that of the
     gradient reduce-scatter; the sharded master weights stay in their own dtype (fp32).
+    "fp32" gathers every parameter in the dtype it is stored in: fp32 weights in fp32, and a
+    frozen base kept in bf16 under LoRA (`frozen_dtype: bfloat16`) in bf16, as one process
+    computes it, instead of upcast to fp32 (twice the all-gather traffic and memory).
     """
     for name, value in (("param_dtype", param_dtype), ("reduce_dtype", reduce_dtype)):
         if value not in DTYPES:
@@ -58,7 +61,8 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: str = "fp32", r
     if not units:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to shard one by one "
                          "(expected transformer_blocks / single_transformer_blocks or UNet blocks)")
-    options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype],
+    gathered = None if param_dtype == "fp32" else DTYPES[param_dtype]  # None: each parameter's own dtype
+    options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=gathered,
                                                              reduce_dtype=DTYPES[reduce_dtype]))
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
@@ -66,6 +70,26 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: str = "fp32", r
         fully_shard(block, **options)
     fully_shard(model, **options)
     return model
+
+
+def trainable_after_sharding(trainable: nn.Module) -> None:
+    """Make `trainable` hold the sharded parameters after `shard_model` ran on the denoiser.
+
+    The trainable module is the sharded denoiser itself (full fine-tune) or holds some of its
+    parameters (LoRA's `LoraParameters`, which `rebind()`s to the new ones): `fully_shard`
+    replaced every parameter by a DTensor Parameter, and the optimizer, EMA and checkpoints must
+    see those. Raises RuntimeError naming a parameter that is still a plain tensor (it would
+    be trained on this rank alone, never gathered nor reduced).
+    """
+    from torch.distributed.tensor import DTensor
+    rebind = getattr(trainable, "rebind", None)
+    if callable(rebind):
+        rebind()
+    plain = [name for name, param in trainable.named_parameters() if not isinstance(param, DTensor)]
+    if plain:
+        raise RuntimeError(f"{type(trainable).__name__}: {len(plain)} trainable parameter(s) are not sharded by FSDP "
+                           f"(first: {plain[0]}); the trainable module must be the sharded denoiser or hold its "
+                           f"parameters (with a rebind() method to pick up the sharded ones)")
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -28,7 +28,7 @@ class LoraOptions:
     rank: int = 64
     alpha: float = 128.0
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
-    dropout: float = 0.0
+    dropout: float = 0.0       # must be 0 (see validate): kept so that a config stating it reads as meant
     save_merged: bool = True   # also write merged full weights in the diffusers format
     init_from: str = ""        # a peft adapter folder to start from (e.g. a previous run's <denoiser>_lora)
 
@@ -40,8 +40,11 @@ class LoraOptions:
             problems.append(f"lora.alpha = {self.alpha} must be > 0")
         if not self.target_modules:
             problems.append("lora.target_modules = [] must name at least one module (e.g. to_q, to_k, to_v, to_out.0)")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"lora.dropout = {self.dropout} must be in [0, 1)")
+        if self.dropout != 0:
+            problems.append(f"lora.dropout = {self.dropout} must be 0: GRPO's first update needs its new log-probs "
+                            "from the same computation as the rollout's old ones (ratio exactly 1), and dropout "
+                            "draws a new random mask in every training forward pass (the rollout runs without it); "
+                            "set lora.dropout: 0")
         return problems
 
 
@@ -78,6 +81,22 @@ class LoraParameters(nn.Module):
                 self.register_parameter(_flat(name), param)
         if not len(list(self.parameters())):
             raise ValueError("LoRA found no layer to adapt: check lora.target_modules against the model's module names")
+
+    def rebind(self) -> None:
+        """Register the peft model's current LoRA Parameter objects again, under the same names.
+
+        FSDP2's `fully_shard` replaces every parameter of the modules it shards by a new
+        (DTensor) Parameter; after sharding the denoiser, call this so that the optimizer, the
+        EMA and checkpoints act on the sharded LoRA weights, not on the full ones left behind.
+        Raises RuntimeError if the set of LoRA weights changed (names are compared).
+        """
+        current = {_flat(name): param for name, param in self.owner.named_parameters() if "lora_" in name}
+        if current.keys() != self._parameters.keys():
+            missing, extra = sorted(self._parameters.keys() - current.keys()), sorted(current.keys() - self._parameters.keys())
+            raise RuntimeError(f"the LoRA weights of the denoiser changed since they were collected: missing "
+                               f"{missing[:3]} ({len(missing)}), new {extra[:3]} ({len(extra)})")
+        for name, param in current.items():
+            self.register_parameter(name, param)
 
     def train(self, mode: bool = True) -> "LoraParameters":
         super().train(mode)

@@ -136,7 +136,8 @@ def _adapter(ctx: Context, tmp: Path, recipe: dict, mode: str):
     writer = PromptCacheWriter(tmp / "cache", "flux", meta={"max_sequence_length": text_tokens})
     gen = torch.Generator().manual_seed(2)
     writer.add(PROMPTS, {
-        "prompt_embeds": torch.randn(len(PROMPTS), text_tokens, config.joint_attention_dim, generator=gen).to(gpu_dtype),
+        "prompt_embeds": torch.randn(len(PROMPTS), text_tokens, config.joint_attention_dim,
+                                     generator=gen).to(gpu_dtype),
         "pooled_embeds": torch.randn(len(PROMPTS), config.pooled_projection_dim, generator=gen).to(gpu_dtype)})
     writer.close()
     torch.manual_seed(3)
@@ -194,7 +195,8 @@ def run_unit(ctx: Context, unit: str) -> list[dict]:
     valid = metrics.get("updates") == trainer.cfg.trainer.updates_per_iteration and metrics.get("skipped_updates") == 0
     row = dict(model="flux", weights=mode, resolution=f"{options['height']}x{options['width']}",
                prompts=prompts, group_size=g.group_size, images=images, sampler_steps=s.num_steps, tau=g.tau,
-               trained_steps=trained_steps, updates=metrics.get("updates"), micro_batch=trainer.cfg.trainer.micro_batch_size,
+               trained_steps=trained_steps, updates=metrics.get("updates"),
+               micro_batch=trainer.cfg.trainer.micro_batch_size,
                autocast=trainer.cfg.run.autocast_dtype, trainable_params=trainable, reward_params=reward_params,
                attention=attention, iterations=iterations,
                iteration_s=seconds, images_per_gpu_s=images / seconds,

@@ -14,7 +14,8 @@ Time a section leaves unused goes to the next; model_steps, last, takes what is 
 --max-seconds (default 480 s with a GPU: the 8 minutes of a fresh-clone run on an H100/H200).
 
 On a GPU the workers get DANCEGRPO_OPS_JIT=1 unless it is set: a CUDA extension that is not
-built is compiled on first use (the env section; about 40 s), so the cuda backend is measured.
+built is compiled on first use (in the env section), so the cuda backend is measured; if that
+build fails, later workers get 0 and report the cuda backend as skipped.
 
 Written to DIR: summary.md (device, versions, date, commit, the command; a table per
 section; failures), <section>.csv and <section>.json (every row), suite.json (per section:
@@ -82,6 +83,16 @@ class _Section:
         self.timed_out = False
 
 
+def _jit_setting(work: Path) -> str:
+    """DANCEGRPO_OPS_JIT for the next worker: "1" (build the CUDA extension on first use, once;
+    torch caches it), unless the env section already tried and the cuda backend is still
+    missing: then "0", so that no later section spends its budget on a build that fails."""
+    probe = next((r for r in _read_jsonl(work / "env.jsonl") if r.get("status") == "ok"), None)
+    if probe is not None and "cuda" not in str(probe.get("ops_backends", "")).split():
+        return "0"
+    return "1"
+
+
 def _progress(path: Path, seen: int) -> tuple[list[dict], int]:
     """Progress events appended since the first `seen` ones."""
     events = _read_jsonl(path)
@@ -141,8 +152,8 @@ def schedule(sections: list[str], ctx: Context, budgets: dict[str, float], max_s
                *(["--tiny"] if ctx.tiny else [])]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH"))
                                                           if p), PYTHONUNBUFFERED="1")
-        if ctx.cuda:   # build the CUDA extension on first use (once; torch caches it) unless told otherwise
-            env.setdefault("DANCEGRPO_OPS_JIT", "1")
+        if ctx.cuda and "DANCEGRPO_OPS_JIT" not in os.environ:
+            env["DANCEGRPO_OPS_JIT"] = _jit_setting(work)
         log_path = log_dir / ("suite.log" if one_worker else f"{batch[0][0]}.log")
         with log_path.open("a") as log:
             log.write(f"$ {shlex.join(cmd)}\n")
@@ -287,7 +298,8 @@ def parse_budgets(items: list[str]) -> dict[str, float]:
     for item in items:
         name, sep, value = item.partition("=")
         if not sep or name not in SECTIONS:
-            raise SystemExit(f"bench.gpu: --budget {item!r}: use SECTION=SECONDS with SECTION one of {', '.join(SECTIONS)}")
+            raise SystemExit(f"bench.gpu: --budget {item!r}: use SECTION=SECONDS with SECTION one of "
+                             f"{', '.join(SECTIONS)}")
         try:
             budgets[name] = float(value)
         except ValueError:
@@ -302,7 +314,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="output folder (new or empty, unless --overwrite)")
     parser.add_argument("--tiny", action="store_true", help="every section at tiny sizes (runs on a CPU)")
     parser.add_argument("--device", default=None, help="default: cuda when there is a GPU, else cpu (needs --tiny)")
-    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--sections", default=",".join(SECTIONS),
+                        help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--budget", action="append", default=[], metavar="SECTION=SECONDS",
                         help="a section's time budget (repeatable)")
     parser.add_argument("--max-seconds", type=float, default=None,

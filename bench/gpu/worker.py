@@ -64,7 +64,8 @@ def main(argv=None) -> int:
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
         for row in rows:
             row.setdefault("status", "ok")
-            _append(work / f"{section}.jsonl", {"unit": unit, "unit_s": round(seconds, 3), "unit_cpu_s": round(cpu, 3), **row})
+            _append(work / f"{section}.jsonl",
+                    {"unit": unit, "unit_s": round(seconds, 3), "unit_cpu_s": round(cpu, 3), **row})
         _append(progress_path, {"section": section, "unit": unit, "event": "end", "time": time.time()})
         print(f"[{section}] {unit}: {', '.join(sorted({str(r['status']) for r in rows}))} in {seconds:.1f} s "
               f"({cpu:.1f} s CPU)", flush=True)

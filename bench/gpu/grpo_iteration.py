@@ -24,7 +24,9 @@ bf16 base) runs instead ("lora"). The optimizer step is a small part of the iter
 Reported: seconds per iteration, images per GPU-second (= images / seconds), its split into
 rollout, reward and update (the trainer's timings), the model FLOPs of the iteration
 (rollout: 16 forwards per image; training: ceil(tau * 16) steps x 3 forwards per image;
-bench.throughput.forward_flops), the MFU they make, and the bound at 100% MFU. For reference:
+bench.throughput.forward_flops), the MFU they make, and the bound at 100% MFU; with gradient
+checkpointing the GPU also recomputes one forward per trained step (the "hardware" FLOPs, HFU
+and the bound with recompute). For reference:
 the authors' release, about 0.056 images per GPU-second on H800s (200 iterations in 12 h on 16 GPUs).
 """
 from __future__ import annotations
@@ -190,6 +192,9 @@ def run_unit(ctx: Context, unit: str) -> list[dict]:
     forward = throughput.forward_flops("flux", work.config, image_tokens, text_tokens, 1)
     trained_steps = math.ceil(g.tau * len(trainer.sampler.stochastic_steps) - 1e-9)
     flops_per_image = forward * (s.num_steps + 3 * trained_steps)
+    # what the GPU computes: + 1 forward per trained step when activations are recomputed
+    recompute = trained_steps if options.get("gradient_checkpointing") else 0
+    hardware_flops_per_image = flops_per_image + forward * recompute
     peak = throughput.peak_tflops(device_name(ctx.device)) if ctx.cuda else None
     reward_name = next(iter(k for k in metrics if k.startswith("reward/") and k.endswith("_mean")), None)
     valid = metrics.get("updates") == trainer.cfg.trainer.updates_per_iteration and metrics.get("skipped_updates") == 0
@@ -205,6 +210,9 @@ def run_unit(ctx: Context, unit: str) -> list[dict]:
                model_tflop_per_image=flops_per_image / 1e12,
                mfu=(flops_per_image * images / seconds / (peak * 1e12)) if peak else None,
                bound_images_per_gpu_s_at_100pct_mfu=(peak * 1e12 / flops_per_image) if peak else None,
+               hardware_tflop_per_image=hardware_flops_per_image / 1e12,
+               hfu=(hardware_flops_per_image * images / seconds / (peak * 1e12)) if peak else None,
+               bound_images_per_gpu_s_with_recompute=(peak * 1e12 / hardware_flops_per_image) if peak else None,
                release_images_per_gpu_s=RELEASE_IMAGES_PER_GPU_S,
                reward_mean=metrics.get(reward_name) if reward_name else None,
                first_update_logp_max_dev=metrics.get("first_update_logp_max_dev"),
@@ -217,10 +225,11 @@ def summarize(rows: list[dict], ctx: Context) -> str:
     measured = [r for r in rows if r.get("model")]
     text = markdown_table(measured, ["weights", "resolution", "images", "sampler_steps", "trained_steps", "updates",
                                      "iteration_s", "rollout_s", "reward_s", "update_s", "images_per_gpu_s", "mfu",
-                                     "bound_images_per_gpu_s_at_100pct_mfu", "peak_memory_gib", "status"],
+                                     "bound_images_per_gpu_s_at_100pct_mfu", "bound_images_per_gpu_s_with_recompute",
+                                     "peak_memory_gib", "status"],
                           ["weights", "resolution", "images", "steps", "trained steps", "updates", "s per iteration",
                            "rollout s", "reward s", "update s", "images per GPU-s", "MFU", "bound at 100% MFU",
-                           "peak GiB", "status"])
+                           "bound with recompute", "peak GiB", "status"])
     text += (f"\n\nThe authors' release: about {RELEASE_IMAGES_PER_GPU_S} images per GPU-second on H800s. "
              "Random weights at the published configs; see bench/gpu/grpo_iteration.py for what stands in for "
              "what (weights in bf16 or LoRA on one GPU, a random-weight ViT-H-14 reward).")

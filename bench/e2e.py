@@ -5,7 +5,7 @@ process, alternating iteration by iteration: Trainer.step() and bench.reference_
 .reference_iteration() on a second Trainer built from the same config (same initial weights,
 same prompts, sample count, steps, trained steps and optimizer updates per iteration).
 
-    python -m bench.e2e [--iterations 2] [--warmup 1] [--short] [--set key=value ...]
+    python -m bench.e2e [--iterations 2] [--warmup 1] [--short] [--set key=value ...] [--csv PATH]
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.machine import RESULTS, append_csv_row, commit, device_name, load_average, today  # noqa: E402
+from bench.machine import REPO, RESULTS, append_csv_row, commit, device_name, load_average, today  # noqa: E402
 from bench.reference_loop import reference_iteration  # noqa: E402
 from dancegrpo.trainer import Trainer  # noqa: E402
 
@@ -58,15 +58,17 @@ def append_row(row: dict, path: Path = RESULTS / "e2e.csv") -> None:
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/quickstart.yaml")
+    parser.add_argument("--config", default=str(REPO / "configs" / "quickstart.yaml"))
     parser.add_argument("--iterations", type=int, default=2, help="measured iterations (default 2)")
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured iterations first (default 1)")
     parser.add_argument("--short", action="store_true", help="4 prompts per iteration instead of the config's")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--csv", type=Path, default=RESULTS / "e2e.csv", help="CSV the row is appended to "
+                        "(default bench/results/e2e.csv)")
     args = parser.parse_args(argv)
     overrides = [*args.overrides, *(["grpo.prompts_per_iteration=4"] if args.short else [])]
     row = run(args.config, args.iterations, args.warmup, overrides)
-    append_row(row)
+    append_row(row, args.csv)
     print(f"ours {row['ours_s_per_it']} s/it, reference loop {row['reference_s_per_it']} s/it: "
           f"{row['speedup']}x ({row['device']}, load {row['load_average']})")
     return row

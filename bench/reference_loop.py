@@ -8,11 +8,18 @@ bench/README.md lists which structural choices of the authors' train_grpo_flux.p
 - decode each image on its own, write it to a PNG file and read it back, then score it with
   one reward call per image;
 - advantages per prompt group in a Python loop;
-- per sample, a random permutation of its steps, trained on the first ceil(tau*T);
+- per sample, a random permutation of its stochastic steps, trained on the first ceil(tau*K);
 - a forward and a backward pass per (sample, step), the loss divided by the accumulation
   count, and a host sync (`.item()`) per micro-step for the running loss, plus the per-sample
   `.item()` reads of reward, advantage and loss the published script prints;
 - an optimizer step every N / updates_per_iteration samples (gradient accumulation).
+
+With an SDE window (`sampler.sde_window`, as in configs/quickstart.yaml) only the K steps
+inside it are stochastic: they draw noise and record a log-prob, and only they are trained;
+the steps outside are ODE steps (the mean, no noise, no log-prob), taken as
+dancegrpo.rollout.run_rollout takes them. The published code has no window (every step is
+stochastic); without one both loops train ceil(tau*T) of the T steps. Both loops run under
+the trainer's autocast setting (`run.autocast_dtype`).
 """
 from __future__ import annotations
 
@@ -41,12 +48,18 @@ def reference_iteration(trainer, iteration: int) -> dict:
     """One iteration with the published structure on `trainer`'s model; returns its loss and reward."""
     cfg, g = trainer.cfg, trainer.cfg.grpo
     adapter, sampler, device = trainer.adapter, trainer.sampler, trainer.device
+    autocast = trainer._autocast
     prompts = prompts_for_iteration(trainer.train_prompts, iteration, g.prompts_per_iteration, cfg.run.seed)
     sample_prompts = [p for p in prompts for _ in range(g.group_size)]
     num_samples, steps = len(sample_prompts), sampler.num_steps
+    stochastic = sampler.stochastic.tolist()           # once per iteration, as ours
+    trainable = [s for s in range(steps) if stochastic[s]]
+    if not trainable:
+        raise ValueError("reference_iteration: no stochastic sampler steps to train on: set sampler.eta > 0")
     cond = repeat_cond(adapter.encode_prompts(prompts), g.group_size)
     gen = torch.Generator(device).manual_seed(1000 + iteration)
-    initial = grpo.shared_group_noise(len(prompts), g.group_size, adapter.latent_shape(), generator=gen, device=device)
+    initial = grpo.initial_noise(len(prompts), g.group_size, adapter.latent_shape(), g.shared_group_noise,
+                                 generator=gen, device=device)
 
     # ---- rollout and reward, one sample at a time
     trainer.policy.eval()
@@ -56,14 +69,18 @@ def reference_iteration(trainer, iteration: int) -> dict:
             x, c = initial[i : i + 1], index_cond(cond, slice(i, i + 1))
             trajectory, logps = [x], []
             with torch.no_grad():
-                for s in range(steps):
-                    step = torch.full((1,), s, device=device, dtype=torch.long)
-                    out = adapter.predict(x, sampler.model_time(step), c)
-                    mean, std = sampler.mean_std(out, x, step)
-                    noise = torch.randn(x.shape, generator=gen, device=device)
-                    x, logp = sde.sde_step_with_log_prob(mean, std, noise=noise, dtype=x.dtype)
-                    trajectory.append(x)
-                    logps.append(logp)
+                with autocast():
+                    for s in range(steps):
+                        step = torch.full((1,), s, device=device, dtype=torch.long)
+                        out = adapter.predict(x, sampler.model_time(step), c)
+                        mean, std = sampler.mean_std(out, x, step)
+                        if stochastic[s]:
+                            noise = torch.randn(x.shape, generator=gen, device=device)
+                            x, logp = sde.sde_step_with_log_prob(mean, std, noise=noise, dtype=x.dtype)
+                        else:  # an ODE step outside the SDE window: the mean, no noise, no log-prob
+                            x, logp = mean.to(x.dtype), torch.full((1,), float("nan"), device=device)
+                        trajectory.append(x)
+                        logps.append(logp)
                 image = adapter.decode(x)[0]
             image = _png_round_trip(image, Path(tmp) / f"sample_{i}.png")
             scores = trainer.rewards.score(image, [sample_prompts[i]])
@@ -80,23 +97,25 @@ def reference_iteration(trainer, iteration: int) -> dict:
 
     # ---- training: batch-1 forward and backward per (sample, step), host syncs per micro-step
     trainer.policy.train()
-    train_steps = max(1, math.ceil(g.tau * steps - 1e-9))
+    train_steps = max(1, math.ceil(g.tau * len(trainable) - 1e-9))
     accumulation = max(1, num_samples // cfg.trainer.updates_per_iteration)
-    perms = torch.stack([torch.randperm(steps, generator=torch.Generator().manual_seed(iteration * 7919 + i))
+    # a permutation of the stochastic steps per sample (CPU generator: host-side indices)
+    perms = torch.stack([torch.randperm(len(trainable), generator=torch.Generator().manual_seed(iteration * 7919 + i))
                          for i in range(num_samples)])
     total_loss = 0.0
     trainer.optimizer.zero_grad()
     for i in range(num_samples):
         c = index_cond(cond, slice(i, i + 1))
         for j in range(train_steps):
-            s = int(perms[i, j])
+            s = trainable[int(perms[i, j])]
             step = torch.full((1,), s, device=device, dtype=torch.long)
-            out = adapter.predict(latents[i : i + 1, s], sampler.model_time(step), c)
-            mean, std = sampler.mean_std(out, latents[i : i + 1, s], step)
-            _, new_logp = sde.sde_step_with_log_prob(mean, std, prev_sample=latents[i : i + 1, s + 1])
-            result = grpo.clipped_ratio_loss(new_logp, log_probs[i : i + 1, s], advantages[i : i + 1],
-                                             g.clip_range, g.adv_clip_max)
-            loss = result.loss / (accumulation * train_steps)
+            with autocast():
+                out = adapter.predict(latents[i : i + 1, s], sampler.model_time(step), c)
+                mean, std = sampler.mean_std(out, latents[i : i + 1, s], step)
+                _, new_logp = sde.sde_step_with_log_prob(mean, std, prev_sample=latents[i : i + 1, s + 1])
+                result = grpo.clipped_ratio_loss(new_logp, log_probs[i : i + 1, s], advantages[i : i + 1],
+                                                 g.clip_range, g.adv_clip_max)
+                loss = result.loss / (accumulation * train_steps)
             loss.backward()
             total_loss += loss.detach().clone().item()  # the published all-reduce + .item() per micro-step
         if (i + 1) % accumulation == 0:

@@ -1,0 +1,3 @@
+from bench.gpu.suite import main
+
+raise SystemExit(main())

@@ -59,13 +59,14 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import REPO, RESULTS, append_csv_row, commit, device_name, load_average, today  # noqa: E402
+from dancegrpo.attention.backends import BACKENDS as ATTENTION_BACKENDS, install_attention_backend  # noqa: E402
 from dancegrpo.distributed.blocks import apply_activation_checkpointing, compile_blocks  # noqa: E402
 from dancegrpo.memory_estimate import FLUX_DEV_TRANSFORMER, HUNYUAN_VIDEO_TRANSFORMER, denoiser_inputs  # noqa: E402
 
 CSV = RESULTS / "throughput.csv"
 FIELDS = ["model", "shape", "batch", "image_tokens", "text_tokens", "checkpointing", "compile", "dtype", "status",
           "step_s", "samples_per_s", "tokens_per_s", "model_tflop_per_step", "achieved_tflops", "peak_tflops", "mfu",
-          "hfu", "peak_memory_gib", "iterations", "device", "load_average", "commit", "date", "sta"]
+          "hfu", "peak_memory_gib", "iterations", "device", "load_average", "commit", "date", "sta", "attention_backend"]
 
 # Dense bf16 tensor-core peak (no sparsity), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0}
@@ -285,11 +286,14 @@ def install_attention(model: torch.nn.Module, work: Workload, sta: dict | None, 
 
 def measure(work: Workload, setting: str, device: torch.device, dtype: torch.dtype, iterations: int, warmup: int,
             peak: float | None, compile_kwargs: dict | None = None, sta: dict | None = None,
-            sta_step: int | None = 0) -> dict:
+            sta_step: int | None = 0, attention_backend: str = "auto") -> dict:
     """One CSV row: throughput, FLOP rates and memory of `work` under `setting`.
 
     sta: a `model.options.sta` mapping to run the joint attention through sliding-tile attention
-    (None = dense, as before); sta_step: the sampling step its step-dependent windows use."""
+    (None = dense, as before); sta_step: the sampling step its step-dependent windows use.
+    attention_backend: the dense attention kernels, as `model.options.attention_backend` chooses
+    them in training (dancegrpo.attention.backends; "auto" never picks cuDNN on CUDA, whose
+    backward failed on the FLUX.1-dev step on an H200)."""
     mode, compiled = parse_setting(setting)
     gc.collect()   # what a previous setting (an OOM's traceback) may still hold
     image_tokens, text_tokens = work.tokens
@@ -300,11 +304,13 @@ def measure(work: Workload, setting: str, device: torch.device, dtype: torch.dty
                text_tokens=text_tokens, checkpointing=mode, compile=compiled, dtype=str(dtype).replace("torch.", ""),
                model_tflop_per_step=f"{flops / 1e12:.6g}", peak_tflops=peak or "", iterations=iterations,
                device=device_name(device), load_average=load_average(), commit=commit(), date=today(),
-               sta=json.dumps(sta, sort_keys=True) if sta is not None else "")
+               sta=json.dumps(sta, sort_keys=True) if sta is not None else "", attention_backend=attention_backend)
     model = None
     try:
         model = build_denoiser(work, device, dtype)
         install_attention(model, work, sta, sta_step)
+        install_attention_backend(model, attention_backend, work.model_name,
+                                  masked=work.model_name in ("hunyuan_video", "skyreels_i2v"))
         apply_activation_checkpointing(model, mode)
         if compiled:
             compile_blocks(model, **(compile_kwargs or {}))
@@ -344,6 +350,8 @@ def main(argv: list[str] | None = None, measure_fn: Callable[..., dict] = measur
     parser.add_argument("--sta", default=None, help="also measure HunyuanVideo with sliding-tile attention: a "
                         "window in tiles TxHxW (tile auto) or a JSON model.options.sta mapping")
     parser.add_argument("--sta-step", type=int, default=0, help="sampling step for step-dependent STA windows")
+    parser.add_argument("--attention-backend", default="auto", choices=list(ATTENTION_BACKENDS),
+                        help="dense attention kernels, as model.options.attention_backend (docs/attention.md)")
     args = parser.parse_args(argv)
     sta = parse_sta(args.sta) if args.sta is not None else None
 
@@ -363,7 +371,9 @@ def main(argv: list[str] | None = None, measure_fn: Callable[..., dict] = measur
         attention = [None] + ([sta] if sta is not None and model_name == "hunyuan_video" else [])
         for setting in settings:
             for sta_options in attention:
-                extra = {} if sta_options is None else {"sta": sta_options, "sta_step": args.sta_step}
+                extra = {"attention_backend": args.attention_backend}
+                if sta_options is not None:
+                    extra.update(sta=sta_options, sta_step=args.sta_step)
                 row = measure_fn(work, setting, device, getattr(torch, args.dtype), args.iterations, args.warmup,
                                  peak, {"backend": args.compile_backend}, **extra)
                 append_csv_row(args.csv, FIELDS, row)

@@ -139,3 +139,25 @@ def test_sta_setting_is_checked_before_work():
             throughput.main(["--tiny", "--device", "cpu", "--sta", bad])
     assert throughput.parse_sta('{"window": [1, 3, 3], "tile": [6, 8, 8]}') == {"window": [1, 3, 3],
                                                                                 "tile": [6, 8, 8]}
+
+
+def test_attention_backend_is_installed_and_recorded(tmp_path, monkeypatch):
+    """The step runs its attention on the chosen backend (as training does), and the row says which;
+    a backend that cannot run on the CPU is refused with the backend's own error."""
+    from dancegrpo.attention import backends
+    installed = []
+    original = backends.install_attention_backend
+
+    def spying(denoiser, name="auto", model="model", masked=False, installed_packages=None, **kw):
+        installed.append((model, name, masked))
+        return original(denoiser, name, model, masked, **kw)
+
+    monkeypatch.setattr(throughput, "install_attention_backend", spying)
+    path = tmp_path / "throughput.csv"
+    rows = throughput.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--iterations", "1", "--warmup", "0",
+                            "--settings", "none", "--attention-backend", "math", "--csv", str(path)])
+    assert installed == [("flux", "math", False), ("hunyuan_video", "math", True)]
+    assert [r["attention_backend"] for r in rows] == ["math", "math"] and all(r["status"] == "ok" for r in rows)
+    with pytest.raises(backends.AttentionBackendError, match="cudnn"):
+        throughput.main(["--tiny", "--device", "cpu", "--model", "flux", "--settings", "none", "--iterations", "1",
+                         "--warmup", "0", "--attention-backend", "cudnn", "--csv", str(tmp_path / "x.csv")])

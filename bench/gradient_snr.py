@@ -29,7 +29,7 @@ def half_gradient_cosines(trainer: Trainer, num_prompts: int, seed: int = 0) -> 
     prompts = prompts_for_iteration(trainer.train_prompts, 0, num_prompts, seed)
     cond = repeat_cond(trainer.adapter.encode_prompts(prompts), g.group_size)
     init = grpo.initial_noise(len(prompts), g.group_size, trainer.adapter.latent_shape(), g.shared_group_noise,
-                              generator=torch.Generator().manual_seed(seed), device=trainer.device)
+                              generator=torch.Generator("cpu").manual_seed(seed), device=trainer.device)
     with torch.no_grad():
         rollout = run_rollout(trainer.adapter, trainer.sampler, cond, init, trainer.cfg.trainer.micro_batch_size,
                               generator=torch.Generator(device=trainer.device).manual_seed(seed + 1))
@@ -38,12 +38,11 @@ def half_gradient_cosines(trainer: Trainer, num_prompts: int, seed: int = 0) -> 
     advantages = grpo.aggregate_advantages(scores.values, trainer.rewards.weights, g.group_size, valid=scores.valid)
     params = [p for p in trainer.policy.parameters() if p.requires_grad]
     half = (len(prompts) // 2) * g.group_size  # whole groups on each side
-    halves = (torch.arange(half), torch.arange(half, 2 * half))
+    halves = (torch.arange(half, device=trainer.device), torch.arange(half, 2 * half, device=trainer.device))
 
     def gradient(rows: torch.Tensor, step: int) -> torch.Tensor:
         trainer.policy.zero_grad(set_to_none=True)
         for chunk in rows.split(trainer.cfg.trainer.micro_batch_size):
-            chunk = chunk.to(trainer.device)
             logp, _, _ = step_log_prob(trainer.adapter, trainer.sampler, rollout.latents, chunk, step,
                                        index_cond(cond, chunk), g.logprob_reduce)
             (-(advantages[chunk] * logp).sum() / len(rows)).backward()

@@ -43,7 +43,7 @@ def horizontal_centre(images: torch.Tensor) -> torch.Tensor:
     """Brightness-weighted mean x in [0, 1] of each image."""
     mass = images.max(1).values
     weights = mass / mass.sum((1, 2), keepdim=True).clamp_min(1e-6)
-    return (weights.sum(1) * torch.linspace(0, 1, images.shape[-1])).sum(-1)
+    return (weights.sum(1) * torch.linspace(0, 1, images.shape[-1], device=images.device)).sum(-1)
 
 
 def group_spread(trainer: Trainer, group_size: int = 8, seed: int = 0) -> dict[str, float]:
@@ -54,10 +54,11 @@ def group_spread(trainer: Trainer, group_size: int = 8, seed: int = 0) -> dict[s
     shape = trainer.adapter.latent_shape()
     result = {}
     for shared in (True, False):
-        gen = torch.Generator().manual_seed(seed)
-        init = grpo.initial_noise(len(prompts), group_size, shape, shared, generator=gen)
+        # One generator on the trainer's device for the initial and the SDE noise (the rollout draws on the device).
+        gen = torch.Generator(trainer.device).manual_seed(seed)
+        init = grpo.initial_noise(len(prompts), group_size, shape, shared, generator=gen, device=trainer.device)
         with torch.no_grad():
-            rollout = run_rollout(trainer.adapter, trainer.sampler, cond, init.to(trainer.device),
+            rollout = run_rollout(trainer.adapter, trainer.sampler, cond, init,
                                   trainer.cfg.trainer.micro_batch_size, generator=gen)
             images = trainer.adapter.decode(rollout.final).cpu()
             reward = trainer.rewards.score(images, rows).values

@@ -53,7 +53,7 @@ def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Ten
     latents[:, 0] = initial_latents
     # NaN marks the ODE steps, which have no log-prob (and are never trained).
     log_probs = torch.full((num_samples, steps), float("nan"), device=initial_latents.device)
-    stochastic = sampler.stochastic.tolist()
+    stochastic = set(sampler.stochastic_steps)  # a host list: no device read
     chunks = chunk_indices(num_samples, chunk_size, initial_latents.device)
     with nvtx_range("rollout"):
         for rows in chunks:
@@ -62,7 +62,7 @@ def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Ten
                 with nvtx_range("denoise_step"):
                     step = torch.full((len(rows),), i, device=x.device, dtype=torch.long)
                     out = adapter.predict(x, sampler.model_time(step), chunk_cond)
-                    if stochastic[i]:
+                    if i in stochastic:
                         noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
                         x, log_probs[rows, i] = _sde_step(sampler, out, x, step, reduce, noise=noise)
                     else:  # an ODE step outside the SDE window: no noise, no log-prob
@@ -82,7 +82,9 @@ def _sde_step(sampler, out, x, step, reduce: str, noise=None, prev_sample=None):
     if reduce == "mean":
         return ops.sampler_step(sampler, out, x, step, noise=noise, prev_sample=prev_sample)
     mean, std = sampler.mean_std(out, x, step)
-    return sde.sde_step_with_log_prob(mean, std, noise=noise, prev_sample=prev_sample, reduce=reduce, dtype=x.dtype)
+    # The std > 0 check reads the device: only for CPU latents (the sampler's stochastic steps have eta > 0).
+    return sde.sde_step_with_log_prob(mean, std, noise=noise, prev_sample=prev_sample, reduce=reduce, dtype=x.dtype,
+                                      validate=x.device.type == "cpu")
 
 
 def step_log_prob(adapter, sampler, latents: torch.Tensor, rows: torch.Tensor, step: int, cond: Conditioning,

@@ -341,6 +341,7 @@ def sde_step_with_log_prob(
     generator: torch.Generator | None = None,
     reduce: str = "mean",
     dtype: torch.dtype | None = None,
+    validate: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """The next latent and its log-prob (B,) under N(mean, std^2).
 
@@ -349,13 +350,14 @@ def sde_step_with_log_prob(
     given): score the stored action. Both modes go through the same :func:`gaussian_log_prob`
     call on the same values, so the same inputs give bit-identical log-probs (ratio == 1 at
     the first update). The action is detached: gradients flow only through ``mean``/``std``.
+    ``validate`` is passed to :func:`gaussian_log_prob` (a host sync on an accelerator).
     """
     if prev_sample is None:
         prev_sample = sample_step(mean, std, noise=noise, generator=generator, dtype=dtype)
     elif noise is not None:
         raise ValueError("pass either noise (rollout mode) or prev_sample (training mode), not both")
     prev_sample = prev_sample.detach()
-    return prev_sample, gaussian_log_prob(prev_sample, mean, std, reduce=reduce)
+    return prev_sample, gaussian_log_prob(prev_sample, mean, std, reduce=reduce, validate=validate)
 
 
 # --------------------------------------------------------------------------------------------

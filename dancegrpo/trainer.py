@@ -82,13 +82,18 @@ def plan_updates(chunks: list[torch.Tensor], trainable_steps: list[int], tau: fl
 
     Steps are chosen per chunk (not per sample) because a micro-batch must be a rollout
     chunk at one step for its log-prob to be recomputed bit-identically.
+
+    Both draws run on the generator's device (a CUDA generator draws on the GPU); the plan is
+    then read to the host in one transfer, since planning is host-side list work.
     """
     if not trainable_steps:
         raise ValueError("no stochastic sampler steps to train on: set sampler.eta > 0")
     picks = grpo.subsample_timesteps(len(chunks), len(trainable_steps), tau, generator=generator, rounding=tau_rounding)
-    pairs = [(chunks[c], trainable_steps[int(k)]) for c in range(len(chunks)) for k in picks[c]]
-    order = torch.randperm(len(pairs), generator=generator).tolist()
-    pairs = [pairs[i] for i in order]
+    order = torch.randperm(picks.numel(), generator=generator, device=picks.device)
+    plan = torch.cat([picks.reshape(-1), order]).tolist()
+    k = picks.shape[1]
+    pairs = [(chunks[c], trainable_steps[plan[c * k + j]]) for c in range(len(chunks)) for j in range(k)]
+    pairs = [pairs[i] for i in plan[picks.numel():]]
     num_updates = min(num_updates, len(pairs))
     bounds = [round(u * len(pairs) / num_updates) for u in range(num_updates + 1)]
     return UpdatePlan([pairs[bounds[u]: bounds[u + 1]] for u in range(num_updates)])
@@ -525,14 +530,19 @@ class Trainer:
         """Optimizer updates over the planned micro-batches.
 
         Statistics accumulate on the device and are read once at the end: no host sync per
-        micro-step (only one per update, for the non-finite gradient check).
+        micro-step (only one per update, for the non-finite gradient check). The valid mask and
+        the chunks' rows are read to the host once; micro-batch counts are host arithmetic.
         """
         cfg, g = self.cfg, self.cfg.grpo
         trainable = [s for s in self.sampler.stochastic_steps  # the release never trains the final step
                      if not (g.exclude_last_step and s == self.sampler.num_steps - 1)]
         plan = plan_updates(rollout.chunks, trainable, g.tau, cfg.trainer.updates_per_iteration,
                             plan_gen, tau_rounding=g.tau_rounding)
-        valid_host = valid.cpu()  # counts below come from here, not from device tensors
+        valid_host = valid.tolist()  # counts below come from here, not from device tensors
+        chunk_rows = torch.cat(rollout.chunks).tolist()
+        rows_host, start = {}, 0
+        for rows in rollout.chunks:  # the plan's micro-batches hold these very tensors
+            rows_host[id(rows)], start = chunk_rows[start:start + len(rows)], start + len(rows)
         zero = torch.zeros((), device=self.device)
         stats = dict(ratio_sum=zero.clone(), clipped=zero.clone(), kl=zero.clone(), loss=zero.clone(),
                      ratio_min=torch.full((), math.inf, device=self.device),
@@ -540,7 +550,7 @@ class Trainer:
         count, grad_norms, skipped = 0, [], 0
         # Each update's loss is normalised by its valid samples over all data-parallel ranks
         # (one small all-reduce per iteration), so summed gradients are the single-process ones.
-        denoms = self._sum_over_ranks({str(u): sum(int(valid_host[rows.cpu()].sum()) for rows, _ in mbs)
+        denoms = self._sum_over_ranks({str(u): sum(valid_host[r] for rows, _ in mbs for r in rows_host[id(rows)])
                                        for u, mbs in enumerate(plan.updates)})
         # FSDP averages gradients over all processes; scaling the loss by their number turns that into a sum.
         loss_scale = self.dp.world if self.sharded else 1
@@ -552,12 +562,14 @@ class Trainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 update_loss = zero.clone()
                 for m, (rows, step) in enumerate(micro_batches):
-                    n = int(valid_host[rows.cpu()].sum())
+                    n = sum(valid_host[r] for r in rows_host[id(rows)])
                     if n == 0 and not self.sharded:
                         continue  # (FSDP: every rank must run every backward, even one of weight 0)
                     if self.sharded:  # reduce-scatter once per update, after its last micro-batch
                         self._sharded_module.set_requires_gradient_sync(m == len(micro_batches) - 1)
-                    mask = valid[rows]
+                    # The valid samples' positions, without a host sync (n is known): the same
+                    # elements in the same order as a boolean mask would select.
+                    keep = slice(None) if n == len(rows) else valid[rows].nonzero_static(size=n).flatten()
                     with nvtx_range("train_step"), self._autocast():
                         logp, mean, std = step_log_prob(self.adapter, self.sampler, rollout.latents, rows, step,
                                                         index_cond(cond, rows), g.logprob_reduce,
@@ -566,11 +578,11 @@ class Trainer:
                         if n == 0:  # only under FSDP: a backward that contributes nothing
                             (logp.sum() * 0.0).backward()
                             continue
-                        out = ops.fused_clipped_loss(logp[mask], old[mask], advantages[rows][mask],
+                        out = ops.fused_clipped_loss(logp[keep], old[keep], advantages[rows][keep],
                                                      g.clip_range, g.adv_clip_max)
                         loss = out.loss
                         if self.reference is not None:
-                            kl = self._kl_to_reference(rollout, rows, step, cond, mean, std)[mask].mean()
+                            kl = self._kl_to_reference(rollout, rows, step, cond, mean, std)[keep].mean()
                             loss = loss + g.kl_coef * kl
                             stats["kl"] += kl.detach() * n
                     (loss * (n * loss_scale / denom)).backward()
@@ -600,14 +612,17 @@ class Trainer:
                 stats["loss"] += update_loss
         if self.dp.size > 1:
             count = self._reduce_stats(stats, count)
-        host = {k: v.item() for k, v in stats.items()}
+        # One device-to-host read for all the statistics of the iteration.
+        keys = list(stats)
+        read = torch.stack([stats[k] for k in keys] + ([torch.stack(grad_norms).mean()] if grad_norms else [])).tolist()
+        host = dict(zip(keys, read))
         if host["first_dev"] > 0:
             log.warning("iteration %d: first-update log-prob deviation %.3g (expected exactly 0): old and new "
                         "log-probs did not come from the same computation", self.iteration, host["first_dev"])
         n_updates = max(1, len(grad_norms))
         return {
             "loss": host["loss"] / n_updates,
-            "grad_norm": torch.stack(grad_norms).mean().item() if grad_norms else 0.0,
+            "grad_norm": read[-1] if grad_norms else 0.0,
             "ratio_mean": host["ratio_sum"] / max(1, count),
             "ratio_min": host["ratio_min"] if count else float("nan"),
             "ratio_max": host["ratio_max"] if count else float("nan"),

@@ -111,6 +111,7 @@ class FlowSampler(_StepNoise):
         self._init_noise(num_steps, eta, sde_window, device)
         self.form = form
         self.sigmas = sde.flow_sigmas(num_steps, shift, device=device)
+        self._sigmas_host = self.sigmas.cpu()  # for the step table, read here, never in a rollout
         self.model_time_resolution = model_time_resolution
         self.model_times = floor_model_time(self.sigmas, model_time_resolution)
 
@@ -122,7 +123,7 @@ class FlowSampler(_StepNoise):
         return self.sigmas.device
 
     def _table_schedule(self) -> dict:
-        sigmas = self.sigmas.cpu()
+        sigmas = self._sigmas_host
         return dict(sigma=sigmas[:-1], sigma_next=sigmas[1:], form=self.form,
                     sigma_max=sigmas[1] if self.form == "flow_grpo" else None)
 
@@ -151,6 +152,7 @@ class DDIMSampler(_StepNoise):
         self.timesteps = sde.ddim_timesteps(num_steps, len(alphas_cumprod), steps_offset=steps_offset).to(device)
         abar_t, abar_prev = sde.ddim_schedule(num_steps, alphas_cumprod, self.timesteps)
         self.abar_t, self.abar_prev = abar_t.to(device), abar_prev.to(device)
+        self._abar_host = (self.abar_t.cpu(), self.abar_prev.cpu())  # for the step table (see FlowSampler)
 
     def model_time(self, step: torch.Tensor) -> torch.Tensor:
         return self.timesteps[step]
@@ -159,7 +161,7 @@ class DDIMSampler(_StepNoise):
         return self.abar_t.device
 
     def _table_schedule(self) -> dict:
-        return dict(abar_t=self.abar_t.cpu(), abar_prev=self.abar_prev.cpu())
+        return dict(abar_t=self._abar_host[0], abar_prev=self._abar_host[1])
 
     def mean_std(self, model_output, sample, step: torch.Tensor, eta: float | None = None):
         return sde.ddim_step_mean_std(model_output, sample, self.abar_t[step], self.abar_prev[step],

@@ -29,6 +29,7 @@ from bench.machine import commit, cpu_model, load_average, today  # noqa: E402
 SETTINGS = {  # name: (run.num_threads, OMP_WAIT_POLICY or None for libgomp's default)
     "2 threads, default wait": ("2", None),
     "2 threads, passive wait": ("2", "PASSIVE"),
+    "auto, default wait": ("auto", None),
     "auto, passive wait": ("auto", "PASSIVE"),
 }
 

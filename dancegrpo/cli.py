@@ -14,7 +14,14 @@ import os
 import sys
 from pathlib import Path
 
-from .config import ConfigError
+# Idle OpenMP threads sleep instead of spinning (read once, when torch loads: hence before any
+# import of torch). Spinning threads compete with other processes for the cores: with one busy
+# process on a 2-core machine, a quickstart iteration slowed 2.90x with libgomp's default and
+# 1.83x with passive waiting (bench/results/contention_cpu_2026-11-30.md). An explicit
+# OMP_WAIT_POLICY is kept.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from .config import ConfigError  # noqa: E402
 
 
 def _positive_int(text: str) -> int:

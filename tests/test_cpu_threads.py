@@ -92,3 +92,16 @@ def test_auto_threads_in_the_trainer_are_logged_and_do_not_change_results(tiny_c
     assert 1 <= auto["cpu/threads"] <= len(cpu_threads.allowed_cpus())
     for key in ("loss", "grad_norm", "reward/rewards_for_tests:mean_brightness_mean", "ratio_mean"):
         assert fixed[key] == two[key] == auto[key], key
+
+
+@pytest.mark.parametrize("given, expected", [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_the_command_line_makes_idle_openmp_threads_sleep_unless_told(given, expected):
+    """`dancegrpo` sets OMP_WAIT_POLICY before torch loads (it is read only then); a user's value stays."""
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if given:
+        env["OMP_WAIT_POLICY"] = given
+    code = "import os, sys, dancegrpo.cli; print(os.environ['OMP_WAIT_POLICY'], 'torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == [expected, "False"]

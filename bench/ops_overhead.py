@@ -34,25 +34,28 @@ SIGMA, SIGMA_NEXT, ETA = 0.7, 0.62, 0.7
 SMALL, LARGE = (2, 4, 8, 8), (8, 16, 90, 90)
 
 
-def eager_rollout(v, x, noise, s, s_next, eta):
-    """The DanceGRPO step and its mean log-prob written out in torch ops (float schedule)."""
+def _eager_mean_std(v, x, s, s_next, eta):
+    """Mean and std of the DanceGRPO step written out in torch ops (float schedule)."""
     ds = s_next - s
     x0 = x - s * v
     score = -(x - (1 - s) * x0) / s**2
-    mean = x + ds * v + (-0.5 * eta**2 * score) * ds
-    std = eta * math.sqrt(s - s_next)
+    return x + ds * v + (-0.5 * eta**2 * score) * ds, eta * math.sqrt(s - s_next)
+
+
+def _eager_mean_log_prob(sample, mean, std):
+    return (-((sample - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+
+
+def eager_rollout(v, x, noise, s, s_next, eta):
+    """The DanceGRPO step and its mean log-prob written out in torch ops (float schedule)."""
+    mean, std = _eager_mean_std(v, x, s, s_next, eta)
     nxt = mean + std * noise
-    log_prob = (-((nxt - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
-    return nxt, log_prob
+    return nxt, _eager_mean_log_prob(nxt, mean, std)
 
 
 def eager_log_prob(v, x, prev, s, s_next, eta):
-    ds = s_next - s
-    x0 = x - s * v
-    score = -(x - (1 - s) * x0) / s**2
-    mean = x + ds * v + (-0.5 * eta**2 * score) * ds
-    std = eta * math.sqrt(s - s_next)
-    return (-((prev - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)).flatten(1).mean(1)
+    mean, std = _eager_mean_std(v, x, s, s_next, eta)
+    return _eager_mean_log_prob(prev, mean, std)
 
 
 def contenders(shape, backends, train: bool):

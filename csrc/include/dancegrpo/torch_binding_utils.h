@@ -121,3 +121,21 @@ inline LossInputs prepare_loss(const at::Tensor& new_logp, const at::Tensor& old
 
 }  // namespace binding
 }  // namespace dancegrpo
+
+// The Python functions of a fused-op extension, the same for the CPU and the CUDA one: each
+// translation unit defines sde_step_sample, sde_step_log_prob, sde_step_backward and
+// clipped_loss (in its own namespace) and expands this inside PYBIND11_MODULE.
+#define DANCEGRPO_DEFINE_FUSED_OPS(m)                                                                      \
+  do {                                                                                                     \
+    (m).def("sde_step_sample", &sde_step_sample, "rollout SDE step: (next_sample, log_prob)",              \
+            pybind11::arg("model_output"), pybind11::arg("sample"), pybind11::arg("noise"),                \
+            pybind11::arg("coefs"), pybind11::arg("index") = pybind11::none());                            \
+    (m).def("sde_step_log_prob", &sde_step_log_prob, "training SDE step: log_prob of prev_sample",         \
+            pybind11::arg("model_output"), pybind11::arg("sample"), pybind11::arg("prev_sample"),          \
+            pybind11::arg("coefs"), pybind11::arg("index") = pybind11::none());                            \
+    (m).def("sde_step_backward", &sde_step_backward, "gradient of the log-prob w.r.t. model_output",       \
+            pybind11::arg("grad_logp"), pybind11::arg("model_output"), pybind11::arg("sample"),            \
+            pybind11::arg("prev_sample"), pybind11::arg("coefs"), pybind11::arg("index") = pybind11::none()); \
+    (m).def("clipped_loss", &clipped_loss, "clipped-ratio loss: (loss, ratio, grad_new, stats)");           \
+    (m).attr("source_hash") = pybind11::int_(static_cast<uint64_t>(DANCEGRPO_SOURCE_HASH));                \
+  } while (0)

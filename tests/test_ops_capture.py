@@ -136,6 +136,7 @@ def test_the_schedule_is_built_once_per_sampler(monkeypatch, kind):
 
 
 def test_float_schedules_are_converted_once(monkeypatch):
+    monkeypatch.setattr(sde_step_module, "_float_tables", {})  # tables other tests cached in this process
     builds = _Counting(monkeypatch, sde_step_module, "step_table")
     x, v, noise = _inputs(seed=1)
     first = [ops.fused_sde_step(v, x, sigma=0.7, sigma_next=0.62, eta=0.7, noise=noise, backend=KERNELS[0])

@@ -60,7 +60,7 @@ def eager_log_prob(v, x, prev, s, s_next, eta):
 
 def contenders(shape, backends, train: bool):
     gen = torch.Generator().manual_seed(0)
-    x, v, noise = (torch.randn(shape, generator=gen) for _ in range(3))
+    x, v, noise = (torch.randn(shape, generator=gen, device="cpu") for _ in range(3))
     sampler = FlowSampler(10, 3.0, ETA)
     step = torch.full((shape[0],), 3, dtype=torch.long)
     sched = dict(sigma=SIGMA, sigma_next=SIGMA_NEXT, eta=ETA)

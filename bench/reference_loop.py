@@ -100,7 +100,8 @@ def reference_iteration(trainer, iteration: int) -> dict:
     train_steps = max(1, math.ceil(g.tau * len(trainable) - 1e-9))
     accumulation = max(1, num_samples // cfg.trainer.updates_per_iteration)
     # a permutation of the stochastic steps per sample (CPU generator: host-side indices)
-    perms = torch.stack([torch.randperm(len(trainable), generator=torch.Generator().manual_seed(iteration * 7919 + i))
+    perms = torch.stack([torch.randperm(len(trainable), device="cpu",
+                                        generator=torch.Generator().manual_seed(iteration * 7919 + i))
                          for i in range(num_samples)])
     total_loss = 0.0
     trainer.optimizer.zero_grad()

@@ -59,7 +59,7 @@ def _schedule(case: str, batch: int, device: torch.device) -> tuple[dict, dict]:
         # A scaled-linear beta schedule (SD v1.4's: 0.00085 to 0.012 over 1000 steps), 50 DDIM steps.
         betas = torch.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000, dtype=torch.float64) ** 2
         abar = torch.cumprod(1 - betas, 0)
-        t = torch.randint(21, 1000, (batch,), generator=gen)
+        t = torch.randint(21, 1000, (batch,), generator=gen, device="cpu")
         a, a_prev = abar[t], abar[t - 20]
         values = dict(abar_t=a, abar_prev=a_prev, eta=torch.full((batch,), 1.0, dtype=torch.float64))
         kwargs = dict(prediction="ddim", abar_t=a.float().to(device), abar_prev=a_prev.float().to(device), eta=1.0)
@@ -67,7 +67,7 @@ def _schedule(case: str, batch: int, device: torch.device) -> tuple[dict, dict]:
     # A FLUX-style shifted schedule (shift 3) of 16 steps.
     t = torch.linspace(1, 0, 17, dtype=torch.float64)
     sigmas = 3 * t / (1 + 2 * t)
-    steps = torch.randint(1, 15, (batch,), generator=gen)
+    steps = torch.randint(1, 15, (batch,), generator=gen, device="cpu")
     s, s_next = sigmas[steps].float(), sigmas[steps + 1].float()
     eta = 0.7
     values = dict(sigma=s.double(), sigma_next=s_next.double(), eta=torch.full((batch,), eta, dtype=torch.float64))

@@ -139,8 +139,8 @@ def _adapter(ctx: Context, tmp: Path, recipe: dict, mode: str):
     gen = torch.Generator().manual_seed(2)
     writer.add(PROMPTS, {
         "prompt_embeds": torch.randn(len(PROMPTS), text_tokens, config.joint_attention_dim,
-                                     generator=gen).to(gpu_dtype),
-        "pooled_embeds": torch.randn(len(PROMPTS), config.pooled_projection_dim, generator=gen).to(gpu_dtype)})
+                                     generator=gen, device="cpu").to(gpu_dtype),
+        "pooled_embeds": torch.randn(len(PROMPTS), config.pooled_projection_dim, generator=gen, device="cpu").to(gpu_dtype)})
     writer.close()
     torch.manual_seed(3)
     with torch.device(ctx.device):

@@ -257,13 +257,6 @@ class Trainer:
         _check_api_rewards(cfg, rewards)
         require_device(cfg.run.device)
         self.device = torch.device(cfg.run.device)
-        self._threads = None  # a ThreadGovernor with run.num_threads: auto on the CPU
-        if cfg.run.num_threads == "auto":
-            if self.device.type == "cpu":
-                from .cpu_threads import ThreadGovernor
-                self._threads = ThreadGovernor()
-        elif cfg.run.num_threads:
-            torch.set_num_threads(cfg.run.num_threads)
         self.run_dir = Path(cfg.run.output_dir)
         self.dp, self.mesh = self._setup_parallel()
         self.is_main = not dist.is_initialized() or dist.get_rank() == 0
@@ -272,6 +265,13 @@ class Trainer:
         self.train_prompts = load_prompts(cfg.data.train_prompts)
         self.eval_prompts = _first_eval_prompts(cfg) if cfg.data.eval_prompts else []
         self.rewards = self._build_rewards(rewards or {})
+        self._threads = None  # a ThreadGovernor with run.num_threads: auto on the CPU
+        if cfg.run.num_threads == "auto":
+            if self.device.type == "cpu":
+                from .cpu_threads import ThreadGovernor
+                self._threads = ThreadGovernor()
+        elif cfg.run.num_threads:
+            torch.set_num_threads(cfg.run.num_threads)
         self.adapter = adapter if adapter is not None else load_model(cfg.model.name, cfg.model.path, cfg.model.options)
         self.adapter.to(self.device)
         self.policy = self.adapter.trainable

@@ -687,7 +687,8 @@ def load_config(source: str | os.PathLike | dict | Config, overrides: Sequence[s
     except ConfigError as exc:
         if not where:
             raise
-        raise ConfigError(exc.problems, header=f"invalid configuration in {where}") from None
+        given = f" with the overrides {', '.join(short_repr(o) for o in overrides)}" if overrides else ""
+        raise ConfigError(exc.problems, header=f"invalid configuration in {where}{given}") from None
 
 
 def _expand_shorthands(data: dict) -> None:

@@ -2,8 +2,8 @@
 
     python -m bench.gradient_snr --config configs/quickstart.yaml [--prompts 32] [--set key=value ...]
 
-One rollout of `--prompts` prompt groups, rewards and advantages as the trainer computes
-them, then the policy gradient of the GRPO objective at the first update (ratio 1, so
+The batch (rollout of `--prompts` prompt groups, rewards, advantages) that training
+iteration `--iteration` collects (dancegrpo.collect), then the policy gradient of the GRPO objective at the first update (ratio 1, so
 -mean(A * log p)) for each stochastic step, separately on two disjoint halves of the
 groups. Independent halves share only the true gradient, so their cosine estimates
 |signal|^2 / (|signal|^2 + |noise|^2 per half): near 0 means an update is mostly noise, and
@@ -12,44 +12,44 @@ the learning rate only scales a random walk.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 import torch
 import torch.nn.functional as F
 
-from dancegrpo import grpo
-from dancegrpo.data import prompts_for_iteration
-from dancegrpo.models import index_cond, repeat_cond
-from dancegrpo.rollout import run_rollout, step_log_prob
-from dancegrpo.trainer import Trainer
+from dancegrpo.collect import collect
+from dancegrpo.models import index_cond
+from dancegrpo.rollout import step_log_prob
+from dancegrpo.run_context import RunContext
 
 
-def half_gradient_cosines(trainer: Trainer, num_prompts: int, seed: int = 0) -> dict[int | str, float]:
-    """Cosine per stochastic step, and under "all" for the gradient summed over them."""
-    g = trainer.cfg.grpo
-    prompts = prompts_for_iteration(trainer.train_prompts, 0, num_prompts, seed)
-    cond = repeat_cond(trainer.adapter.encode_prompts(prompts), g.group_size)
-    init = grpo.initial_noise(len(prompts), g.group_size, trainer.adapter.latent_shape(), g.shared_group_noise,
-                              generator=torch.Generator("cpu").manual_seed(seed), device=trainer.device)
-    with torch.no_grad():
-        rollout = run_rollout(trainer.adapter, trainer.sampler, cond, init, trainer.cfg.trainer.micro_batch_size,
-                              generator=torch.Generator(device=trainer.device).manual_seed(seed + 1))
-        samples = [p for p in prompts for _ in range(g.group_size)]
-        scores = trainer.rewards.score(trainer.adapter.decode(rollout.final), samples)
-    advantages = grpo.aggregate_advantages(scores.values, trainer.rewards.weights, g.group_size, valid=scores.valid)
-    params = [p for p in trainer.policy.parameters() if p.requires_grad]
-    half = (len(prompts) // 2) * g.group_size  # whole groups on each side
-    halves = (torch.arange(half, device=trainer.device), torch.arange(half, 2 * half, device=trainer.device))
+def with_grpo(ctx: RunContext, **changes) -> RunContext:
+    """`ctx` with some grpo settings changed (e.g. prompts_per_iteration), sharing its model and rewards."""
+    return dataclasses.replace(ctx, cfg=dataclasses.replace(ctx.cfg, grpo=dataclasses.replace(ctx.cfg.grpo, **changes)))
+
+
+def half_gradient_cosines(ctx: RunContext, num_prompts: int, iteration: int = 0) -> dict[int | str, float]:
+    """Cosine per stochastic step, and under "all" for the gradient summed over them, on the batch
+    training iteration `iteration` would collect with `num_prompts` prompt groups."""
+    ctx = with_grpo(ctx, prompts_per_iteration=num_prompts, best_of_n_keep=None)
+    g, policy = ctx.cfg.grpo, ctx.adapter.trainable
+    batch = collect(ctx, iteration)
+    rollout, cond, advantages = batch.rollout, batch.cond, batch.advantages
+    policy.train()
+    params = [p for p in policy.parameters() if p.requires_grad]
+    half = (num_prompts // 2) * g.group_size  # whole groups on each side
+    halves = (torch.arange(half, device=ctx.device), torch.arange(half, 2 * half, device=ctx.device))
 
     def gradient(rows: torch.Tensor, step: int) -> torch.Tensor:
-        trainer.policy.zero_grad(set_to_none=True)
-        for chunk in rows.split(trainer.cfg.trainer.micro_batch_size):
-            logp, _, _ = step_log_prob(trainer.adapter, trainer.sampler, rollout.latents, chunk, step,
+        policy.zero_grad(set_to_none=True)
+        for chunk in rows.split(ctx.cfg.trainer.micro_batch_size):
+            logp, _, _ = step_log_prob(ctx.adapter, ctx.sampler, rollout.latents, chunk, step,
                                        index_cond(cond, chunk), g.logprob_reduce)
             (-(advantages[chunk] * logp).sum() / len(rows)).backward()
         return torch.cat([p.grad.flatten() for p in params])
 
     cosines, totals = {}, [0.0, 0.0]
-    for step in trainer.sampler.stochastic_steps:
+    for step in ctx.sampler.stochastic_steps:
         a, b = gradient(halves[0], step), gradient(halves[1], step)
         cosines[step] = F.cosine_similarity(a, b, dim=0).item()
         totals = [totals[0] + a, totals[1] + b]
@@ -62,11 +62,12 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/quickstart.yaml")
     parser.add_argument("--prompts", type=int, default=32, help="prompt groups in the rollout (split in two halves)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--iteration", type=int, default=0, help="the training iteration whose batch is measured")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    trainer = Trainer(args.config, overrides=["data.eval_prompts=", "run.output_dir=runs/gradient_snr", *args.set])
-    cosines = half_gradient_cosines(trainer, args.prompts, args.seed)
+    ctx = RunContext.build(args.config, overrides=["data.eval_prompts=", "run.output_dir=runs/gradient_snr", *args.set])
+    ctx.adapter.trainable.requires_grad_(True)
+    cosines = half_gradient_cosines(ctx, args.prompts, args.iteration)
     whole = cosines.pop("all")
     for step, cosine in cosines.items():
         print(f"step {step}: cos(half A, half B) = {cosine:+.3f}")

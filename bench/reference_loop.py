@@ -48,7 +48,7 @@ def reference_iteration(trainer, iteration: int) -> dict:
     """One iteration with the published structure on `trainer`'s model; returns its loss and reward."""
     cfg, g = trainer.cfg, trainer.cfg.grpo
     adapter, sampler, device = trainer.adapter, trainer.sampler, trainer.device
-    autocast = trainer._autocast
+    autocast = trainer.ctx.autocast
     prompts = prompts_for_iteration(trainer.train_prompts, iteration, g.prompts_per_iteration, cfg.run.seed)
     sample_prompts = [p for p in prompts for _ in range(g.group_size)]
     num_samples, steps = len(sample_prompts), sampler.num_steps

@@ -14,15 +14,16 @@ Two measurements, for the committed base and (with --checkpoint) a fine-tuned ru
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from collections import Counter
 
 import torch
 
-from dancegrpo import grpo
+from bench.gradient_snr import with_grpo
+from dancegrpo.collect import collect
 from dancegrpo.data import load_prompts
 from dancegrpo.eval.evaluate import load_checkpoint_weights
-from dancegrpo.models import repeat_cond
-from dancegrpo.rollout import run_rollout
+from dancegrpo.run_context import RunContext
 from dancegrpo.toy import scenes
 from dancegrpo.trainer import Trainer
 
@@ -46,33 +47,29 @@ def horizontal_centre(images: torch.Tensor) -> torch.Tensor:
     return (weights.sum(1) * torch.linspace(0, 1, images.shape[-1], device=images.device)).sum(-1)
 
 
-def group_spread(trainer: Trainer, group_size: int = 8, seed: int = 0) -> dict[str, float]:
+def group_spread(ctx: RunContext, group_size: int = 8) -> dict[str, float]:
+    """Within-group spread of the object's x position and of each reward, on the batch training
+    collects for 8 left/right prompts, with shared and with independent initial noise."""
     prompts = [f"a {colour} {shape} on the {side}" for colour in ("red", "blue") for shape in ("circle", "square")
                for side in ("left", "right")]
-    rows = [p for p in prompts for _ in range(group_size)]
-    cond = repeat_cond(trainer.adapter.encode_prompts(prompts), group_size)
-    shape = trainer.adapter.latent_shape()
     result = {}
     for shared in (True, False):
-        # One generator on the trainer's device for the initial and the SDE noise (the rollout draws on the device).
-        gen = torch.Generator(trainer.device).manual_seed(seed)
-        init = grpo.initial_noise(len(prompts), group_size, shape, shared, generator=gen, device=trainer.device)
+        run = with_grpo(ctx, prompts_per_iteration=len(prompts), group_size=group_size, shared_group_noise=shared,
+                        best_of_n_keep=None)
+        batch = collect(dataclasses.replace(run, train_prompts=prompts), 0)
         with torch.no_grad():
-            rollout = run_rollout(trainer.adapter, trainer.sampler, cond, init,
-                                  trainer.cfg.trainer.micro_batch_size, generator=gen)
-            images = trainer.adapter.decode(rollout.final).cpu()
-            reward = trainer.rewards.score(images, rows).values
+            images = ctx.adapter.decode(batch.rollout.final).cpu()
         x = horizontal_centre(images).view(len(prompts), group_size)
         name = "shared" if shared else "independent"
         result[f"{name}/within_group_std_x"] = x.std(1).mean().item()
-        for reward_name, value in reward.items():
+        for reward_name, value in batch.scores.values.items():
             result[f"{name}/within_group_std_{reward_name}"] = value.view(len(prompts), group_size).std(1).mean().item()
     return result
 
 
 def diagnose(trainer: Trainer) -> dict[str, float]:
     images = trainer.evaluate(load_prompts("toy:eval"), return_images=True)["images"]
-    return {**sample_statistics(images), **group_spread(trainer)}
+    return {**sample_statistics(images), **group_spread(trainer.ctx)}
 
 
 def main(argv=None) -> None:

@@ -103,10 +103,38 @@ def _generated_on(generator: torch.Generator | None, device) -> torch.device:
 # --------------------------------------------------------------------------- advantages
 
 
+class GroupIds(NamedTuple):
+    """Group membership of a batch in any layout (Flow-GRPO keys its groups by prompt the same way).
+
+    ``ids``: (N,) int64, the group of each sample, in ``[0, count)``; samples of a group may sit
+    anywhere in the batch (spread over ranks, reordered, unequal sizes). ``count``: number of groups.
+    """
+
+    ids: Tensor
+    count: int
+
+
+def _membership(groups: GroupIds, n: int, device) -> Tensor:
+    """(count, N) bool: sample j belongs to group g. Dense on purpose: reductions over it are
+    deterministic on every device (scatter-adds on CUDA are not), and count * N stays small."""
+    ids, count = groups
+    if not isinstance(ids, Tensor) or ids.dtype != torch.int64 or ids.shape != (n,):
+        raise ValueError(f"group ids must be an int64 tensor of shape ({n},), got "
+                         f"{getattr(ids, 'dtype', type(ids).__name__)} {tuple(getattr(ids, 'shape', ()))}")
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"group count must be a positive int, got {count!r}")
+    outside = (ids < 0) | (ids >= count)
+    if bool(outside.any()):
+        raise ValueError(f"group ids outside [0, {count}) at indices {_format_indices(outside.nonzero().flatten())}")
+    return ids.to(device)[None, :] == torch.arange(count, device=device)[:, None]
+
+
 def _group_advantages(
-    rewards: Tensor, group_size: int, valid: Tensor | None, eps: float, name: str
+    rewards: Tensor, group_size: int | GroupIds, valid: Tensor | None, eps: float, name: str
 ) -> Tensor:
     _check_1d(rewards, name)
+    if isinstance(group_size, GroupIds):
+        return _group_advantages_by_id(rewards, group_size, valid, eps, name)
     num_groups = _num_groups(rewards.numel(), group_size)
     mask = _check_valid_mask(valid, rewards)
     _check_finite_where_valid(rewards, mask, name)
@@ -137,17 +165,39 @@ def _group_advantages(
     return adv.reshape(-1)
 
 
+def _group_advantages_by_id(rewards: Tensor, groups: GroupIds, valid: Tensor | None, eps: float, name: str) -> Tensor:
+    """As the group-major path, with each group's statistics reduced over its members wherever they are."""
+    mask = _check_valid_mask(valid, rewards)
+    _check_finite_where_valid(rewards, mask, name)
+    member = _membership(groups, rewards.numel(), rewards.device)
+    ids = groups.ids.to(rewards.device)
+    dtype = _stat_dtype(rewards.dtype)
+    zero = torch.zeros((), dtype=dtype, device=rewards.device)
+    r = torch.where(mask, rewards.detach().to(dtype), zero)
+    m = member & mask[None, :]  # (G, N): valid members of each group
+    count = m.sum(dim=1)
+    mean = torch.where(m, r[None, :], zero).sum(dim=1) / count.clamp(min=1).to(dtype)
+    centered = torch.where(mask, r - mean[ids], zero)
+    var = torch.where(m, centered.square()[None, :], zero).sum(dim=1) / (count - 1).clamp(min=1).to(dtype)
+    adv = centered / (var.sqrt()[ids] + eps)
+    inf = torch.tensor(float("inf"), dtype=dtype, device=r.device)
+    informative = (count >= 2) & (torch.where(m, r[None, :], -inf).amax(dim=1) > torch.where(m, r[None, :], inf).amin(dim=1))
+    return torch.where(informative[ids] & mask, adv, zero)
+
+
 def group_advantages(
-    rewards: Tensor, group_size: int, valid: Tensor | None = None, eps: float = 1e-8
+    rewards: Tensor, group_size: int | GroupIds, valid: Tensor | None = None, eps: float = 1e-8
 ) -> Tensor:
-    """Group-relative advantages ``(r - mean_g) / (std_g + eps)`` for a group-major batch.
+    """Group-relative advantages ``(r - mean_g) / (std_g + eps)`` for a group-major batch,
+    or for any layout when ``group_size`` is a ``GroupIds``.
 
     ``std_g`` is the unbiased (n - 1) standard deviation over the valid members of the
     group, matching torch's default ``Tensor.std()`` as used by the released DanceGRPO code.
 
     Args:
         rewards: (N,) rewards, N a multiple of ``group_size``.
-        group_size: samples per prompt group.
+        group_size: samples per prompt group of a group-major batch; or a ``GroupIds``
+            (each sample's group id and the group count) for any layout and group sizes.
         valid: optional (N,) bool mask. Invalid samples (e.g. a failed reward giving NaN)
             are excluded from their group's mean and std and get advantage 0.
         eps: added to the std in the denominator.
@@ -157,7 +207,8 @@ def group_advantages(
         rewards are all equal, or that has fewer than 2 valid samples, gets 0 everywhere.
 
     Raises:
-        ValueError: N not divisible by ``group_size``, or a NaN/inf reward not marked invalid.
+        ValueError: N not divisible by ``group_size``, group ids of the wrong shape/dtype or out
+            of range, or a NaN/inf reward not marked invalid.
     """
     return _group_advantages(rewards, group_size, valid, eps, name="rewards")
 
@@ -165,7 +216,7 @@ def group_advantages(
 def aggregate_advantages(
     rewards: Mapping[str, Tensor],
     weights: Mapping[str, float],
-    group_size: int,
+    group_size: int | GroupIds,
     valid: Tensor | None = None,
 ) -> Tensor:
     """Weighted sum of the per-reward group advantages.
@@ -177,7 +228,7 @@ def aggregate_advantages(
     Args:
         rewards: reward name -> (N,) rewards, all the same shape.
         weights: reward name -> weight; every name in ``rewards`` needs one.
-        group_size: samples per prompt group.
+        group_size: samples per prompt group (group-major batch), or a ``GroupIds``.
         valid: optional (N,) bool mask shared by all rewards (see ``group_advantages``).
 
     Returns:

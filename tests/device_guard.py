@@ -296,11 +296,12 @@ class DeviceGuard(TorchFunctionMode):
 def instrument_trainer(guard: DeviceGuard):
     """Mark the trainer's rollout and update phases (sync counting) and enter the guard on the
     reward worker thread of overlapped scoring."""
+    from dancegrpo import collect as collect_module
     from dancegrpo import trainer as trainer_module
     from dancegrpo.rewards.async_scorer import AsyncScorer
 
-    run_rollout, update, best_of_n, run = (trainer_module.run_rollout, trainer_module.Trainer._update,
-                                           trainer_module.Trainer._best_of_n, AsyncScorer._run)
+    run_rollout, update, best_of_n, run = (collect_module.run_rollout, trainer_module.Trainer._update,
+                                           collect_module.best_of_n, AsyncScorer._run)
 
     def rollout_phase(*args, **kwargs):
         with guard.phase("rollout"):
@@ -310,20 +311,20 @@ def instrument_trainer(guard: DeviceGuard):
         with guard.phase("update"):
             return update(self, *args, **kwargs)
 
-    def best_of_n_phase(self, *args, **kwargs):
+    def best_of_n_phase(*args, **kwargs):
         with guard.phase("best_of_n"):
-            return best_of_n(self, *args, **kwargs)
+            return best_of_n(*args, **kwargs)
 
     def worker(self, *args, **kwargs):
         with guard.on_this_thread():
             return run(self, *args, **kwargs)
 
-    trainer_module.run_rollout = rollout_phase
-    trainer_module.Trainer._update, trainer_module.Trainer._best_of_n = update_phase, best_of_n_phase
+    collect_module.run_rollout, collect_module.best_of_n = rollout_phase, best_of_n_phase
+    trainer_module.Trainer._update = update_phase
     AsyncScorer._run = worker
     try:
         yield guard
     finally:
-        trainer_module.run_rollout = run_rollout
-        trainer_module.Trainer._update, trainer_module.Trainer._best_of_n = update, best_of_n
+        collect_module.run_rollout, collect_module.best_of_n = run_rollout, best_of_n
+        trainer_module.Trainer._update = update
         AsyncScorer._run = run

@@ -16,7 +16,8 @@ import yaml
 
 from dancegrpo import grpo
 from dancegrpo.cli import main
-from dancegrpo.trainer import Trainer, plan_updates
+from dancegrpo.trainer import Trainer
+from dancegrpo.update import plan_updates
 from device_guard import REPO, DeviceGuard, instrument_trainer
 from tiny_models import (PROMPTS, brightness, build_flux, build_hunyuan_video, build_sd14, build_skyreels_i2v,
                          trainer_config, write_images, write_prompts)
@@ -195,8 +196,8 @@ def test_bench_scripts_obey_the_device_rules(tiny_config, tmp_path):
     cfg = _merge(tiny_config, {"data": {"eval_prompts": ""}})
     with DeviceGuard() as guard:
         trainer = Trainer(cfg)
-        cosines = half_gradient_cosines(trainer, num_prompts=2)
-        spread = group_spread(trainer, group_size=2)
+        cosines = half_gradient_cosines(trainer.ctx, num_prompts=2)
+        spread = group_spread(trainer.ctx, group_size=2)
         rows = throughput.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--iterations", "1", "--warmup",
                                 "0", "--peak-tflops", "0.5", "--model", "flux", "--settings", "none",
                                 "--csv", str(tmp_path / "throughput.csv")])

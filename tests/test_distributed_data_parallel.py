@@ -169,7 +169,7 @@ def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, re
     for key, value in expected_cond.items():
         torch.testing.assert_close(cond[key], value, rtol=0, atol=0)
     noise = grpo.shared_group_noise(len(prompts), g.group_size, reference.adapter.latent_shape(),
-                                    generator=reference._generator("rollout", it))
+                                    generator=reference.ctx.generator("rollout", it))
     torch.testing.assert_close(rollout.latents[:, 0], noise, rtol=0, atol=0)
     first_step = rollout.latents[:, 1].reshape(len(prompts), g.group_size, -1)
     assert (first_step[:, 1:] != first_step[:, :1]).any(-1).all()  # SDE noise differs within every group
@@ -191,7 +191,7 @@ def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, re
                                    rtol=1e-5, atol=1e-6)
 
     before = {k: v.clone() for k, v in reference.policy.state_dict().items()}
-    reference._update(rollout, expected, valid, cond, reference._generator("plan", it))
+    reference._update(rollout, expected, valid, cond, reference.ctx.generator("plan", it))
     after = reference.policy.state_dict()
     assert any(not torch.equal(after[k], before[k]) for k in after)
     for rank, data in enumerate(ranks):
@@ -254,3 +254,81 @@ def test_local_rows_partition_the_batch():
         assert sorted(rows.tolist()) == list(range(24))
     spread = DataParallel(rank=1, size=2, placement="spread").local_rows(2, 4)
     assert spread.tolist() == [2, 3, 6, 7]
+
+
+# ---------------------------------------------------------------- best-of-N with groups spread over ranks
+
+def _best_of_n_worker(rank: int, port: int, config: dict, out_dir: str, world: int) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from dancegrpo import collect as collect_module
+    try:
+        trainer = Trainer(config)
+        seen = {}
+        select = collect_module.best_of_n
+
+        def recording_best_of_n(ctx, batch):
+            seen["before"] = dict(latents=batch.rollout.latents.clone(), advantages=batch.advantages.clone(),
+                                  values={k: v.clone() for k, v in batch.scores.values.items()})
+            kept = select(ctx, batch)
+            seen["after"] = dict(latents=kept.rollout.latents.clone(), log_probs=kept.rollout.log_probs.clone(),
+                                 advantages=kept.advantages.clone(), group_ids=kept.group_ids.clone(),
+                                 cond={k: v.clone() for k, v in kept.cond.items()}, group_size=kept.group_size)
+            return kept
+
+        collect_module.best_of_n = recording_best_of_n
+        metrics = trainer.step()  # and the update runs on the kept shares (FSDP: equal collectives per rank)
+        torch.save({**seen, "metrics": metrics}, os.path.join(out_dir, f"bon{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_best_of_n_with_spread_groups_keeps_what_one_process_keeps(tiny_config, tmp_path):
+    """Groups of 4 spread over 2 ranks (2 samples each), keep 1 best + 1 worst per group: the ranks'
+    kept samples together are the single-process selection on the union of their samples, each rank
+    holding one per group, with the advantages and old log-probs one process computes."""
+    cfg = _config(tiny_config, "spread", fsdp=True)
+    cfg["grpo"]["best_of_n_keep"] = 1
+    cfg["trainer"]["micro_batch_size"] = 2
+    mp.spawn(_best_of_n_worker, args=(_free_port(), cfg, str(tmp_path), WORLD), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"bon{r}.pt", weights_only=False) for r in range(WORLD)]
+
+    single = copy.deepcopy(cfg)
+    del single["parallel"]
+    reference = Trainer(single)
+    g = reference.cfg.grpo
+    num_prompts, share = g.prompts_per_iteration, 2 * g.best_of_n_keep // WORLD
+    latents = torch.empty((num_prompts * g.group_size, *ranks[0]["before"]["latents"].shape[1:]))
+    advantages = torch.empty(num_prompts * g.group_size)
+    values = {k: torch.empty(num_prompts * g.group_size) for k in ranks[0]["before"]["values"]}
+    for r, data in enumerate(ranks):
+        rows = DataParallel(rank=r, size=WORLD, placement="spread").local_rows(num_prompts, g.group_size)
+        latents[rows], advantages[rows] = data["before"]["latents"], data["before"]["advantages"]
+        for k in values:
+            values[k][rows] = data["before"]["values"][k]
+    keep = grpo.best_of_n_indices(advantages, g.group_size, g.best_of_n_keep)
+    expected_adv = grpo.aggregate_advantages({k: v[keep] for k, v in values.items()}, reference.rewards.weights,
+                                             2 * g.best_of_n_keep)
+
+    def union(key):  # the ranks' kept rows in single-process (group-major) order
+        parts = [data["after"][key].reshape(num_prompts, share, *data["after"][key].shape[1:]) for data in ranks]
+        return torch.cat(parts, dim=1).reshape(-1, *parts[0].shape[2:])
+
+    torch.testing.assert_close(union("latents"), latents[keep], rtol=0, atol=0)
+    torch.testing.assert_close(union("advantages"), expected_adv, rtol=1e-6, atol=1e-6)
+    assert (union("advantages") != 0).any()
+    for data in ranks:
+        assert data["after"]["group_size"] == 2 * g.best_of_n_keep
+        assert data["after"]["group_ids"].tolist() == torch.arange(num_prompts).repeat_interleave(share).tolist()
+    # Old log-probs recomputed on each rank equal one process's on the same kept trajectories.
+    prompts = prompts_for_iteration(reference.train_prompts, 0, num_prompts, reference.cfg.run.seed)
+    cond = repeat_cond(reference.adapter.encode_prompts(prompts), 2 * g.best_of_n_keep)
+    for key, value in cond.items():
+        kept_cond = [d["after"]["cond"][key].reshape(num_prompts, share, *value.shape[1:]) for d in ranks]
+        torch.testing.assert_close(torch.cat(kept_cond, 1).reshape(value.shape), value, rtol=0, atol=0)
+    from dancegrpo.collect import _recompute_log_probs
+    expected_logp = _recompute_log_probs(reference.ctx, latents[keep], cond).log_probs
+    torch.testing.assert_close(union("log_probs"), expected_logp, rtol=1e-5, atol=1e-5, equal_nan=True)
+    for data in ranks:
+        assert data["metrics"]["updates"] >= 1 and torch.isfinite(torch.tensor(data["metrics"]["loss"]))

@@ -13,6 +13,7 @@ import torch
 
 from dancegrpo.grpo import (
     ClippedLossOutput,
+    GroupIds,
     aggregate_advantages,
     best_of_n_indices,
     binary_reward,
@@ -26,6 +27,22 @@ from dancegrpo.grpo import (
 )
 
 # ---------------------------------------------------------------- naive references
+
+
+def naive_advantages_by_id(rewards, ids, valid=None, eps=1e-8):
+    """Per-group Python loop over the samples carrying each id (any order, any group sizes)."""
+    rewards, ids = [float(x) for x in rewards], [int(i) for i in ids]
+    valid = [True] * len(rewards) if valid is None else [bool(v) for v in valid]
+    out = [0.0] * len(rewards)
+    for group in set(ids):
+        members = [i for i in range(len(rewards)) if ids[i] == group and valid[i]]
+        values = [rewards[i] for i in members]
+        if len(values) < 2 or max(values) == min(values):
+            continue
+        mean, std = statistics.fmean(values), statistics.stdev(values)
+        for i in members:
+            out[i] = (rewards[i] - mean) / (std + eps)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def naive_group_advantages(rewards, group_size, valid=None, eps=1e-8):
@@ -494,3 +511,48 @@ def test_binary_reward_bf16_input_compares_at_full_precision():
     r = torch.tensor([0.2800293], dtype=torch.bfloat16)
     expected = 1.0 if r.double().item() > 0.28 else 0.0
     assert binary_reward(r, 0.28).tolist() == [expected]
+
+
+# ---------------------------------------------------------------- groups by id
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_advantages_by_id_match_a_loop_over_ids_for_uneven_shuffled_groups(dtype):
+    gen = torch.Generator().manual_seed(3)
+    sizes = [5, 1, 3, 7, 2]  # unequal groups, one of a single sample (advantage 0)
+    ids = torch.cat([torch.full((n,), g) for g, n in enumerate(sizes)])
+    perm = torch.randperm(len(ids), generator=gen)
+    ids = ids[perm]
+    rewards = torch.randn(len(ids), generator=gen, dtype=dtype)
+    valid = torch.rand(len(ids), generator=gen) > 0.2
+    rewards[~valid] = float("nan")  # invalid samples may hold NaN
+    got = group_advantages(rewards, GroupIds(ids, len(sizes)), valid=valid)
+    want = naive_advantages_by_id(rewards.tolist(), ids.tolist(), valid.tolist())
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol)
+    assert got.dtype == dtype
+
+
+def test_advantages_by_id_of_a_group_major_batch_equal_the_positional_ones():
+    gen = torch.Generator().manual_seed(4)
+    rewards = {"a": torch.randn(12, generator=gen), "b": torch.rand(12, generator=gen)}
+    weights = {"a": 1.0, "b": 0.5}
+    ids = torch.arange(12) // 4
+    by_position = aggregate_advantages(rewards, weights, 4)
+    by_id = aggregate_advantages(rewards, weights, GroupIds(ids, 3))
+    torch.testing.assert_close(by_id, by_position, rtol=1e-6, atol=1e-6)
+    # Moving samples around moves their advantages with them.
+    perm = torch.randperm(12, generator=gen)
+    moved = aggregate_advantages({k: v[perm] for k, v in rewards.items()}, weights, GroupIds(ids[perm], 3))
+    torch.testing.assert_close(moved, by_position[perm], rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("ids, count, match", [
+    (torch.tensor([0, 1, 3]), 3, r"outside \[0, 3\) at indices \[2\]"),
+    (torch.tensor([0, -1, 1]), 2, r"outside \[0, 2\) at indices \[1\]"),
+    (torch.tensor([0, 1, 1], dtype=torch.int32), 2, "int64 tensor of shape"),
+    (torch.tensor([0, 1]), 2, r"shape \(3,\)"),
+])
+def test_bad_group_ids_are_refused_naming_the_samples(ids, count, match):
+    with pytest.raises(ValueError, match=match):
+        group_advantages(torch.zeros(3), GroupIds(ids, count))

@@ -9,7 +9,7 @@ import copy
 import pytest
 import torch
 
-from dancegrpo import trainer as trainer_module
+from dancegrpo import update as update_module
 from dancegrpo.config import ConfigError, load_config
 from dancegrpo.grpo import subsample_timesteps, trained_step_count
 from dancegrpo.sampler import DDIMSampler, FlowSampler, build_sampler
@@ -99,13 +99,13 @@ def test_release_mode_trains_int_k_tau_of_all_but_last_with_floored_time_and_exa
     tiny_config["grpo"].update(tau=0.6, tau_rounding="floor", exclude_last_step=True)
     tiny_config["data"]["eval_prompts"] = ""
     plans = []
-    real_plan = trainer_module.plan_updates
+    real_plan = update_module.plan_updates
 
     def recording_plan(*args, **kwargs):
         plan = real_plan(*args, **kwargs)
         plans.append(plan)
         return plan
-    monkeypatch.setattr(trainer_module, "plan_updates", recording_plan)
+    monkeypatch.setattr(update_module, "plan_updates", recording_plan)
     trainer = Trainer(tiny_config)
     spy = TimeSpy(trainer.adapter)
     trainer.adapter = spy
@@ -127,8 +127,8 @@ def test_release_mode_trains_int_k_tau_of_all_but_last_with_floored_time_and_exa
 def test_default_mode_is_unchanged_ceil_of_all_steps(tiny_config, monkeypatch):
     tiny_config["data"]["eval_prompts"] = ""
     plans = []
-    real_plan = trainer_module.plan_updates
-    monkeypatch.setattr(trainer_module, "plan_updates",
+    real_plan = update_module.plan_updates
+    monkeypatch.setattr(update_module, "plan_updates",
                         lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
     trainer = Trainer(tiny_config)  # 4 steps, tau 0.5: ceil(0.5 * 4) = 2 of steps 0..3
     trainer.step()

@@ -10,7 +10,8 @@ from dancegrpo.config import ConfigError
 from dancegrpo.metrics import read_metrics
 from dancegrpo.models import repeat_cond
 from dancegrpo.rollout import run_rollout, step_log_prob
-from dancegrpo.trainer import Trainer, plan_updates
+from dancegrpo.trainer import Trainer
+from dancegrpo.update import plan_updates
 
 
 def test_recomputed_log_probs_equal_rollout_bit_for_bit(tiny_config):

@@ -16,10 +16,11 @@ import pytest
 import torch
 from torch import nn
 
-from dancegrpo import trainer as trainer_module
+from dancegrpo import update as update_module
 from dancegrpo.models import repeat_cond
 from dancegrpo.rollout import Rollout, run_rollout
-from dancegrpo.trainer import Trainer, lr_lambda
+from dancegrpo.trainer import Trainer
+from dancegrpo.update import lr_lambda
 
 DIM = 6
 SHIFT, ETA = 3.0, 0.7
@@ -247,8 +248,8 @@ def test_kl_with_zero_advantages_moves_the_policy_towards_the_reference(tmp_path
 def test_the_kl_check_fails_with_the_kl_term_subtracted(tmp_path, monkeypatch):
     """The check above can fail: with the KL's sign flipped (loss - kl_coef * kl) the policy
     moves away from the reference."""
-    real = trainer_module.grpo.kl_penalty
-    monkeypatch.setattr(trainer_module.grpo, "kl_penalty", lambda *a, **k: -real(*a, **k))
+    real = update_module.grpo.kl_penalty
+    monkeypatch.setattr(update_module.grpo, "kl_penalty", lambda *a, **k: -real(*a, **k))
     before, after, _ = distance_to_reference_after_two_steps(tmp_path)
     assert after > before
 

@@ -71,6 +71,14 @@ class DataParallel:
         per_rank = num_prompts // self.size * group_size
         return torch.arange(self.rank * per_rank, (self.rank + 1) * per_rank, device=device)
 
+    def gather_cat(self, local: torch.Tensor) -> torch.Tensor:
+        """All ranks' rows (first dimension) concatenated in rank order; every rank the same count."""
+        if self.size == 1:
+            return local
+        parts = [torch.empty_like(local) for _ in range(self.size)]
+        dist.all_gather(parts, local.contiguous(), group=self.group)
+        return torch.cat(parts)
+
     def gather_rows(self, local: torch.Tensor, group_size: int) -> torch.Tensor:
         """All ranks' per-sample values (first dimension) in the global group-major order.
 

@@ -49,11 +49,17 @@ def _sta_attend(controller: _HeadShardController, layer: int):
     return attend
 
 
+def install_ulysses_around_sta(transformer: nn.Module, group: ProcessGroup | None,
+                               controller: STAController) -> UlyssesHandle:
+    """Ulysses on a transformer whose attention already runs sliding-tile attention under `controller`
+    (installed by `install_sta`): after the all-to-all each rank attends with its heads' windows."""
+    shard = _HeadShardController(controller, transformer.config.num_attention_heads, group_size(group),
+                                 group_rank(group))
+    return install_ulysses(transformer, group, attend_for_layer=lambda layer: _sta_attend(shard, layer))
+
+
 def install_ulysses_sta(transformer: nn.Module, group: ProcessGroup | None,
                         options: dict | STAOptions) -> tuple[STAController, UlyssesHandle]:
     """STA (as `install_sta`) inside Ulysses sequence parallelism; returns the STA controller and the handle."""
     controller = install_sta(transformer, options)
-    shard = _HeadShardController(controller, transformer.config.num_attention_heads, group_size(group),
-                                 group_rank(group))
-    handle = install_ulysses(transformer, group, attend_for_layer=lambda layer: _sta_attend(shard, layer))
-    return controller, handle
+    return controller, install_ulysses_around_sta(transformer, group, controller)

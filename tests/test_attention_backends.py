@@ -148,7 +148,7 @@ def test_unknown_name_is_refused_at_config_load_listing_the_values(tiny_config):
 @pytest.mark.parametrize("backend", ["efficient", "cudnn", "flash_attn", "flash_attn3", "xformers"])
 def test_cuda_only_backend_on_a_cpu_run_is_refused_before_any_work(tiny_config, backend, monkeypatch):
     built = []
-    monkeypatch.setattr("dancegrpo.trainer.load_model", lambda *a, **k: built.append(a))
+    monkeypatch.setattr("dancegrpo.run_context.load_model", lambda *a, **k: built.append(a))
     with pytest.raises(ConfigError, match=f"attention_backend = '{backend}' runs only on CUDA.*run.device = 'cpu'"):
         Trainer(_config(tiny_config, backend))
     assert built == []                     # refused before the model was even loaded

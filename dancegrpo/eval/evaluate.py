@@ -88,11 +88,11 @@ def load_checkpoint_weights(trainer, path: str | Path) -> int:
     if is_sharded_checkpoint(ckpt):  # written by a multi-process run; DCP reshards it for one process
         has_ema = bool(verify_sharded_checkpoint(ckpt)["has_ema"])
         use_ema = trainer.ema is not None and has_ema
-        state = load_sharded_checkpoint(ckpt, model=trainer.policy, ema=trainer.ema if use_ema else None)
+        state = load_sharded_checkpoint(ckpt, model=trainer.policy, ema=trainer.ema.shadow if use_ema else None)
     else:
         has_ema = (ckpt / EMA_FILE).is_file()
         use_ema = trainer.ema is not None and has_ema
-        state = load_checkpoint(ckpt, model=trainer.policy, ema=trainer.ema if use_ema else None,
+        state = load_checkpoint(ckpt, model=trainer.policy, ema=trainer.ema.shadow if use_ema else None,
                                 restore_global_rng=False)
     if trainer.ema is not None and not use_ema:
         # Otherwise evaluation would swap in the EMA of the base weights the trainer started with.

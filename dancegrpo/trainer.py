@@ -33,7 +33,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from . import grpo, ops
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointManager
 from .config import Config, ConfigError, config_to_dict, load_config, save_config, trainable_pairs
 from .devices import require_device
 from .distributed.data_parallel import DataParallel, agree_any, all_reduce_sum, broadcast_parameters, sum_gradients
@@ -729,19 +729,18 @@ class Trainer:
         return swap()
 
     # ------------------------------------------------------------------ checkpoints
+    def _checkpoints(self) -> CheckpointManager:
+        """The run's checkpoints: sharded (DCP) under torchrun, the local format otherwise."""
+        return CheckpointManager(self.run_dir, distributed=self.dp.enabled, sharded=self.sharded,
+                                 keep_last=self.cfg.trainer.keep_last, is_main=self.is_main)
+
     def save(self) -> Path:
         """Checkpoint the training state; under torchrun every rank calls it (sharded, DCP)."""
         extra = {"iteration": self.iteration, "base_eval": self.base_eval}
         ema = {k: v for k, v in self.ema.items()} if self.ema is not None else None
-        if self.dp.enabled:
-            from .distributed.dist_checkpoint import save_sharded_checkpoint
-            self._reshard()
-            return save_sharded_checkpoint(self.run_dir, self.iteration, model=self.policy, optimizer=self.optimizer,
-                                           scheduler=self.scheduler, ema=ema, extra=extra,
-                                           keep_last=self.cfg.trainer.keep_last)
-        return save_checkpoint(self.run_dir, self.iteration, model=self.policy, optimizer=self.optimizer,
-                               scheduler=self.scheduler, ema=ema, extra=extra,
-                               keep_last=self.cfg.trainer.keep_last)
+        self._reshard()  # under FSDP: parameters back in their sharded form (a no-op otherwise)
+        return self._checkpoints().save(self.iteration, model=self.policy, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, ema=ema, extra=extra)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load the newest valid checkpoint of the run folder (or `path`); False if none.
@@ -749,20 +748,12 @@ class Trainer:
         A sharded checkpoint loads on any number of processes; a single-process one too
         (every rank reads the whole files; under FSDP it keeps its shards).
         """
-        from .distributed.dist_checkpoint import (is_sharded_checkpoint, load_full_checkpoint_into_sharded,
-                                                  load_sharded_checkpoint)
-        path = Path(path) if path else latest_checkpoint(self.run_dir)
+        checkpoints = self._checkpoints()
+        path = Path(path) if path else checkpoints.latest()
         if path is None:
             return False
-        if is_sharded_checkpoint(path):
-            state = load_sharded_checkpoint(path, model=self.policy, optimizer=self.optimizer,
-                                            scheduler=self.scheduler, ema=self.ema)
-        elif self.sharded:  # every rank reads the whole files and keeps its shards
-            state = load_full_checkpoint_into_sharded(path, model=self.policy, optimizer=self.optimizer,
-                                                      scheduler=self.scheduler, ema=self.ema)
-        else:
-            state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
-                                    ema=self.ema)
+        state = checkpoints.load(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
+                                 ema=self.ema)
         self.iteration = state["extra"]["iteration"]
         self.base_eval = state["extra"].get("base_eval")
         log.info("resumed from %s at iteration %d", path, self.iteration)
@@ -858,19 +849,9 @@ class Trainer:
         Under FSDP the full weights are gathered to rank 0's CPU and loaded into a fresh,
         unsharded copy of the model read from model.path, which writes the files.
         """
-        with self._ema_weights():
-            if not self.sharded:
-                if self.is_main:
-                    self.adapter.save_pretrained(self.run_dir / "final_model")
-                return
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.is_main:
-            cfg = self.cfg.model
-            fresh = load_model(cfg.name, cfg.path, cfg.options)
-            fresh.trainable.load_state_dict(full)
-            fresh.save_pretrained(self.run_dir / "final_model")
-        dist.barrier()
+        cfg = self.cfg.model
+        self._checkpoints().export_final(self.adapter, model=self.policy, weights=self._ema_weights,
+                                         fresh_adapter=lambda: load_model(cfg.name, cfg.path, cfg.options))
 
     def _console_keys(self, metrics: dict) -> list[str]:
         """Rewards, loss and ratio health always; faults, skips and eval only when present."""

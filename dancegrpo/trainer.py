@@ -24,10 +24,9 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointManager
 from .collect import Batch, collect
 from .config import Config, config_to_dict, save_config
 from .distributed.data_parallel import agree_any, broadcast_parameters
@@ -167,19 +166,17 @@ class Trainer:
         return self.ema.swapped_in(self.policy, self.parallel.reshard)
 
     # ------------------------------------------------------------------ checkpoints
+    def _checkpoints(self) -> CheckpointManager:
+        """The run's checkpoints: sharded (DCP) under torchrun, the local format otherwise."""
+        return CheckpointManager(self.run_dir, distributed=self.dp.enabled, sharded=self.sharded,
+                                 keep_last=self.cfg.trainer.keep_last, is_main=self.is_main)
+
     def save(self) -> Path:
         """Checkpoint the training state; under torchrun every rank calls it (sharded, DCP)."""
         extra = {"iteration": self.iteration, "base_eval": self.base_eval}
-        ema = dict(self.ema.shadow) if self.ema is not None else None
-        if self.dp.enabled:
-            from .distributed.dist_checkpoint import save_sharded_checkpoint
-            self.parallel.reshard()
-            return save_sharded_checkpoint(self.run_dir, self.iteration, model=self.policy, optimizer=self.optimizer,
-                                           scheduler=self.scheduler, ema=ema, extra=extra,
-                                           keep_last=self.cfg.trainer.keep_last)
-        return save_checkpoint(self.run_dir, self.iteration, model=self.policy, optimizer=self.optimizer,
-                               scheduler=self.scheduler, ema=ema, extra=extra,
-                               keep_last=self.cfg.trainer.keep_last)
+        self.parallel.reshard()  # under FSDP: parameters back in their sharded form (a no-op otherwise)
+        return self._checkpoints().save(self.iteration, model=self.policy, optimizer=self.optimizer,
+                                        scheduler=self.scheduler, ema=self._ema_state(), extra=extra)
 
     def resume(self, path: str | Path | None = None) -> bool:
         """Load the newest valid checkpoint of the run folder (or `path`); False if none.
@@ -187,20 +184,12 @@ class Trainer:
         A sharded checkpoint loads on any number of processes; a single-process one too
         (every rank reads the whole files; under FSDP it keeps its shards).
         """
-        from .distributed.dist_checkpoint import (is_sharded_checkpoint, load_full_checkpoint_into_sharded,
-                                                  load_sharded_checkpoint)
-        path = Path(path) if path else latest_checkpoint(self.run_dir)
+        checkpoints = self._checkpoints()
+        path = Path(path) if path else checkpoints.latest()
         if path is None:
             return False
-        if is_sharded_checkpoint(path):
-            state = load_sharded_checkpoint(path, model=self.policy, optimizer=self.optimizer,
-                                            scheduler=self.scheduler, ema=self._ema_state())
-        elif self.sharded:  # every rank reads the whole files and keeps its shards
-            state = load_full_checkpoint_into_sharded(path, model=self.policy, optimizer=self.optimizer,
-                                                      scheduler=self.scheduler, ema=self._ema_state())
-        else:
-            state = load_checkpoint(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
-                                    ema=self._ema_state())
+        state = checkpoints.load(path, model=self.policy, optimizer=self.optimizer, scheduler=self.scheduler,
+                                 ema=self._ema_state())
         self.iteration = state["extra"]["iteration"]
         self.base_eval = state["extra"].get("base_eval")
         log.info("resumed from %s at iteration %d", path, self.iteration)
@@ -293,19 +282,9 @@ class Trainer:
         Under FSDP the full weights are gathered to rank 0's CPU and loaded into a fresh,
         unsharded copy of the model read from model.path, which writes the files.
         """
-        with self._ema_weights():
-            if not self.sharded:
-                if self.is_main:
-                    self.adapter.save_pretrained(self.run_dir / "final_model")
-                return
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-            full = get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        if self.is_main:
-            cfg = self.cfg.model
-            fresh = load_model(cfg.name, cfg.path, cfg.options)
-            fresh.trainable.load_state_dict(full)
-            fresh.save_pretrained(self.run_dir / "final_model")
-        dist.barrier()
+        cfg = self.cfg.model
+        self._checkpoints().export_final(self.adapter, model=self.policy, weights=self._ema_weights,
+                                         fresh_adapter=lambda: load_model(cfg.name, cfg.path, cfg.options))
 
     def _ema_state(self) -> dict | None:
         return self.ema.shadow if self.ema is not None else None

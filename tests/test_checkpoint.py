@@ -1,4 +1,4 @@
-"""Tests for dancegrpo.checkpoint: exact resume, keep-last-k, corruption and kill safety."""
+"""Tests for dancegrpo.checkpoint (local format): exact resume, keep-last-k, corruption and kill safety."""
 from __future__ import annotations
 
 import json
@@ -249,7 +249,9 @@ _CHILD = textwrap.dedent(
     """
     import os, sys, time, torch
     from torch import nn
+    import shutil
     import dancegrpo.checkpoint as ck
+    from dancegrpo.checkpoint import codec, local
 
     stage = sys.argv[2]
     # No optimizer here: constructing the first one costs seconds of imports.
@@ -262,7 +264,8 @@ _CHILD = textwrap.dedent(
         print(name, flush=True)
         time.sleep(60)
 
-    real_fsync_file, real_publish, real_rmtree = ck._fsync_file, ck._publish, ck.shutil.rmtree
+    # Where the save looks them up: codec's tensor writer, local's publish, layout's prune (shutil).
+    real_fsync_file, real_publish, real_rmtree = codec.fsync_file, local.publish, shutil.rmtree
     def fsync_file(path):
         real_fsync_file(path)
         if stage == "mid_write" and path.name == "ema.safetensors":
@@ -279,7 +282,7 @@ _CHILD = textwrap.dedent(
             os.remove(os.path.join(path, "model.safetensors"))
             hang(stage)
         real_rmtree(path, *args, **kwargs)
-    ck._fsync_file, ck._publish, ck.shutil.rmtree = fsync_file, publish, rmtree
+    codec.fsync_file, local.publish, shutil.rmtree = fsync_file, publish, rmtree
 
     with torch.no_grad():
         model[0].weight.add_(1.0)

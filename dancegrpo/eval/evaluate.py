@@ -24,9 +24,8 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..checkpoint import EMA_FILE, STATE_FILE, latest_checkpoint, load_checkpoint
+from ..checkpoint import EMA_FILE, STATE_FILE, CheckpointManager, latest_checkpoint, looks_like_checkpoint
 from ..data import load_prompts
-from ..distributed.dist_checkpoint import is_sharded_checkpoint, load_sharded_checkpoint, verify_sharded_checkpoint
 from ..toy import scenes
 from .report import save_before_after_grid
 
@@ -70,7 +69,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                     f"{given / 'checkpoints'} (a run writes one every trainer.checkpoint_every "
                                     "iterations)")
         return newest
-    if not (given / STATE_FILE).is_file() and not is_sharded_checkpoint(given):
+    if not looks_like_checkpoint(given):
         raise FileNotFoundError(f"{str(path)!r} is not a checkpoint: expected {CHECKPOINT_LAYOUT}. An exported "
                                 "model folder (e.g. <run>/final_model) is a base model: pass it as "
                                 "--set model.path=<folder> instead")
@@ -85,15 +84,11 @@ def load_checkpoint_weights(trainer, path: str | Path) -> int:
     evaluation, not for resuming (see `Trainer.resume`).
     """
     ckpt = resolve_checkpoint(path)
-    if is_sharded_checkpoint(ckpt):  # written by a multi-process run; DCP reshards it for one process
-        has_ema = bool(verify_sharded_checkpoint(ckpt)["has_ema"])
-        use_ema = trainer.ema is not None and has_ema
-        state = load_sharded_checkpoint(ckpt, model=trainer.policy, ema=trainer.ema.shadow if use_ema else None)
-    else:
-        has_ema = (ckpt / EMA_FILE).is_file()
-        use_ema = trainer.ema is not None and has_ema
-        state = load_checkpoint(ckpt, model=trainer.policy, ema=trainer.ema.shadow if use_ema else None,
-                                restore_global_rng=False)
+    checkpoints = CheckpointManager(None)  # one process; the folder's content picks the format
+    has_ema = checkpoints.has_ema(ckpt)
+    use_ema = trainer.ema is not None and has_ema
+    state = checkpoints.load(ckpt, model=trainer.policy, ema=trainer.ema.shadow if use_ema else None,
+                             restore_global_rng=False)
     if trainer.ema is not None and not use_ema:
         # Otherwise evaluation would swap in the EMA of the base weights the trainer started with.
         log.warning("%s has no EMA weights (%s) although trainer.ema_decay is set: evaluating its raw weights",

@@ -1,13 +1,14 @@
-"""Sharded training checkpoints with torch.distributed.checkpoint (DCP), loadable on any world size.
+"""The sharded checkpoint format: torch.distributed.checkpoint (DCP), loadable on any world size.
 
-Layout of one checkpoint, ``<run_dir>/checkpoints/step_<NNNNNNNN>/`` (the same folder names as
-the single-process format of dancegrpo.checkpoint, so listing, pruning and `latest_checkpoint`
+Files of ``<run_dir>/checkpoints/step_<NNNNNNNN>/`` (names in `dancegrpo.checkpoint.layout`;
+the folder names are those of the local format, so listing, pruning and `latest_checkpoint`
 are shared):
 
 - ``dcp/``        DCP files: every rank's shards of the model, the optimizer state and the EMA
                   weights, keyed by parameter name (``model.*``, ``optimizer.*``, ``ema.*``)
-- ``meta.json``   format, step, world size it was written with, LR-scheduler state, user
-                  ``extra``, the size of every DCP file, and a checksum of itself
+- ``meta.json``   format, step, world size it was written with, LR-scheduler state, whether an
+                  optimizer / EMA state is stored, user ``extra``, the size of every DCP file,
+                  and a checksum of itself
 
 Atomicity: rank 0 makes ``.tmp-step_<N>``; all ranks write their shards into it; after a
 barrier rank 0 writes ``meta.json`` (fsynced) and renames the folder to ``step_<N>``. A folder
@@ -17,6 +18,11 @@ Resharding: DCP stores each tensor's global shape and which slice each file hold
 reads the slices the loading ranks need, so a checkpoint written by 2 FSDP ranks loads into
 1 process without FSDP, and the other way round. RNG state is not stored: every draw of the
 trainer comes from generators seeded by (seed, iteration, rank).
+
+This module also reads a local-format checkpoint into an FSDP-sharded model
+(`load_full_checkpoint_into_sharded`) and gathers a sharded model's full weights for export
+(`gather_full_model_state`). Importing it imports torch.distributed.checkpoint (seconds), so
+`dancegrpo.checkpoint.CheckpointManager` imports it only when a sharded path is taken.
 """
 from __future__ import annotations
 
@@ -34,17 +40,13 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
-from ..checkpoint import (EMA_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, CheckpointError, TMP_PREFIX,
-                          json_digest, read_checksummed_json, _checkpoints_dir, _decode, _encode, _fsync_dir, _prune, _publish, _read_tensor_file,
-                          _step_dir_name, verify_checkpoint)
+from .codec import CheckpointError, decode_value, encode_value, fsync_dir, json_digest, read_tensor_file
+from .layout import (DCP_DIR, EMA_FILE, META_FILE, MODEL_FILE, OPTIMIZER_FILE, SCHEDULER_FILE, SHARDED_FORMAT,
+                     checkpoints_dir, prune, publish, step_dir_name, tmp_dir_for, verify_checkpoint,
+                     verify_sharded_checkpoint)
 
-FORMAT = "dancegrpo-dcp-1"
-DCP_DIR = "dcp"
-META_FILE = "meta.json"
-
-
-def is_sharded_checkpoint(path: str | os.PathLike) -> bool:
-    return (Path(path) / DCP_DIR).is_dir()
+__all__ = ["save_sharded_checkpoint", "load_sharded_checkpoint", "load_full_checkpoint_into_sharded",
+           "gather_full_model_state"]
 
 
 def _rank() -> int:
@@ -75,9 +77,9 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.
 
     Keeps the newest ``keep_last`` checkpoints. Returns the checkpoint folder on every rank.
     """
-    root = _checkpoints_dir(run_dir)
-    final_dir = root / _step_dir_name(step)
-    tmp_dir = root / f"{TMP_PREFIX}{final_dir.name}"
+    root = checkpoints_dir(run_dir)
+    final_dir = root / step_dir_name(step)
+    tmp_dir = tmp_dir_for(final_dir)
     if _rank() == 0:
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp_dir, ignore_errors=True)  # a leftover of a killed save of this step
@@ -88,8 +90,9 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.
     if _rank() == 0:
         files = {str(p.relative_to(tmp_dir)): p.stat().st_size for p in sorted((tmp_dir / DCP_DIR).rglob("*"))
                  if p.is_file()}
-        meta = {"format": FORMAT, "step": step, "world_size": dist.get_world_size() if dist.is_initialized() else 1,
-                "scheduler": _encode(scheduler.state_dict(), "", None) if scheduler is not None else None,
+        meta = {"format": SHARDED_FORMAT, "step": step,
+                "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                "scheduler": encode_value(scheduler.state_dict(), "", None) if scheduler is not None else None,
                 "has_optimizer": optimizer is not None, "has_ema": ema is not None,
                 "extra": json.loads(json.dumps(dict(extra or {}), default=float)), "files": files}
         meta["meta_sha256"] = json_digest(meta, "meta_sha256")
@@ -97,29 +100,11 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, step: int, *, model: nn.
             json.dump(meta, f, indent=1)
             f.flush()
             os.fsync(f.fileno())
-        _fsync_dir(tmp_dir)
-        _publish(tmp_dir, final_dir)
-        _prune(root, final_dir, keep_last)
+        fsync_dir(tmp_dir)
+        publish(tmp_dir, final_dir)
+        prune(root, final_dir, keep_last)
     _barrier()
     return final_dir
-
-
-def verify_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Check ``meta.json`` (checksum, format) and the size of every DCP file; returns the metadata."""
-    ckpt = Path(path)
-    meta_path = ckpt / META_FILE
-    meta = read_checksummed_json(meta_path, "meta_sha256",
-                                 f"{meta_path} is missing: the sharded checkpoint is incomplete (expected "
-                                 f"{ckpt}/{META_FILE} next to {ckpt}/{DCP_DIR}/)")
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path} has format {meta.get('format')!r}; this dancegrpo reads {FORMAT!r}")
-    for name, size in meta["files"].items():
-        file = ckpt / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        if file.stat().st_size != size:
-            raise CheckpointError(f"{file} is corrupted: size {file.stat().st_size} bytes, expected {size}")
-    return meta
 
 
 def load_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module,
@@ -128,7 +113,8 @@ def load_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module,
     """Restore the given objects in place from a DCP checkpoint written on any number of ranks.
 
     Every rank of the loading job calls it (or one process without a process group).
-    Returns ``{"step": int, "extra": dict, "world_size": int}``.
+    Returns ``{"step": int, "extra": dict, "world_size": int}``. CheckpointError if the folder
+    is corrupted, lacks an optimizer / EMA state that was asked for, or does not fit the model.
     """
     ckpt = Path(path)
     meta = verify_sharded_checkpoint(ckpt)
@@ -150,14 +136,14 @@ def load_sharded_checkpoint(path: str | os.PathLike, *, model: nn.Module,
             if ema[name] is not value:
                 ema[name].copy_(value)
     if scheduler is not None and meta["scheduler"] is not None:
-        scheduler.load_state_dict(_decode(meta["scheduler"], None, str(ckpt / META_FILE)))
+        scheduler.load_state_dict(decode_value(meta["scheduler"], None, str(ckpt / META_FILE)))
     return {"step": int(meta["step"]), "extra": meta["extra"], "world_size": int(meta["world_size"])}
 
 
 def load_full_checkpoint_into_sharded(path: str | os.PathLike, *, model: nn.Module,
                                       optimizer: torch.optim.Optimizer | None = None, scheduler: Any | None = None,
                                       ema: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-    """Restore an FSDP-sharded model (and its optimizer, scheduler, EMA) from a single-process checkpoint.
+    """Restore an FSDP-sharded model (and its optimizer, scheduler, EMA) from a local-format checkpoint.
 
     Every rank reads the whole files and keeps its shards. The single-process optimizer state is
     keyed by parameter position; it is re-keyed by parameter name for
@@ -168,11 +154,12 @@ def load_full_checkpoint_into_sharded(path: str | os.PathLike, *, model: nn.Modu
     ckpt = Path(path)
     state = verify_checkpoint(ckpt)
     full = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(model, _read_tensor_file(ckpt, MODEL_FILE, "cpu"), options=full)
+    set_model_state_dict(model, read_tensor_file(ckpt / MODEL_FILE, "cpu"), options=full)
     if optimizer is not None:
         if "optimizer" not in state:
             raise CheckpointError(f"{ckpt} has no optimizer state; pass optimizer=None")
-        saved = _decode(state["optimizer"], _read_tensor_file(ckpt, OPTIMIZER_FILE, "cpu"), str(ckpt / OPTIMIZER_FILE))
+        saved = decode_value(state["optimizer"], read_tensor_file(ckpt / OPTIMIZER_FILE, "cpu"),
+                             str(ckpt / OPTIMIZER_FILE))
         names = {id(p): n for n, p in model.named_parameters()}
         order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
         by_name = {"state": {order[i]: value for i, value in saved["state"].items()},
@@ -180,7 +167,7 @@ def load_full_checkpoint_into_sharded(path: str | os.PathLike, *, model: nn.Modu
                                     for group in saved["param_groups"]]}
         set_optimizer_state_dict(model, optimizer, by_name, options=full)
     if ema is not None:
-        loaded = _read_tensor_file(ckpt, EMA_FILE, "cpu")
+        loaded = read_tensor_file(ckpt / EMA_FILE, "cpu")
         with torch.no_grad():
             for name, target in ema.items():
                 value = loaded[name].to(target.dtype)
@@ -189,6 +176,14 @@ def load_full_checkpoint_into_sharded(path: str | os.PathLike, *, model: nn.Modu
                                               target.placements)
                 target.copy_(value)
     if scheduler is not None:
-        tensors = _read_tensor_file(ckpt, SCHEDULER_FILE, "cpu") if SCHEDULER_FILE in state["files"] else {}
-        scheduler.load_state_dict(_decode(state["scheduler"], tensors, str(ckpt / SCHEDULER_FILE)))
+        tensors = read_tensor_file(ckpt / SCHEDULER_FILE, "cpu") if SCHEDULER_FILE in state["files"] else {}
+        scheduler.load_state_dict(decode_value(state["scheduler"], tensors, str(ckpt / SCHEDULER_FILE)))
     return {"step": int(state["step"]), "extra": state["extra"]}
+
+
+def gather_full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The full (unsharded) state dict of an FSDP-sharded `model`, gathered to rank 0's CPU.
+
+    A collective: every rank calls it. Rank 0 receives every tensor; the other ranks receive an
+    empty dict (`get_model_state_dict` with ``full_state_dict=True, cpu_offload=True``)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

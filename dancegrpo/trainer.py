@@ -44,7 +44,8 @@ from .models import load_model, repeat_cond
 from .models.base import FrozenReference, index_cond
 from .models.train_mode import check_mode_independent
 from .profiling import nvtx_range
-from .rewards import RewardEntry, RewardFn, RewardScores, RewardSet, build_reward
+from .rewards import (RewardEntry, RewardFn, RewardScores, RewardSet, as_reward_output, build_reward,
+                      concat_outputs, metadata_metrics)
 from .rewards.async_scorer import AsyncScorer
 from .rollout import Rollout, chunk_indices, ode_sample, run_rollout, step_log_prob
 from .run_folder import RunFolderError, prepare_run_folder
@@ -141,7 +142,7 @@ class OverlappedScoring:
         raw = {}
         for entry in self.rewards.entries:
             try:
-                raw[entry.name] = torch.as_tensor(entry.fn(images, prompts), device=images.device).float().reshape(-1)
+                raw[entry.name] = as_reward_output(entry.fn(images, prompts), len(prompts), images.device)
             except Exception as err:  # replayed by gather(), where RewardSet logs and counts it
                 raw[entry.name] = err
         return raw
@@ -158,7 +159,7 @@ class OverlappedScoring:
                 failed = [part for part in parts if isinstance(part, Exception)]
                 if failed:
                     raise failed[0]
-                return torch.cat(parts)
+                return concat_outputs(parts)
             return scores
 
         replayed = RewardSet([RewardEntry(e.name, replay(e.name), e.weight, e.threshold) for e in self.rewards.entries])
@@ -674,8 +675,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, prompts: list[str] | None = None, return_images: bool = False) -> dict:
-        """Held-out evaluation with the deterministic ODE sampler and fixed per-prompt seeds."""
+    def evaluate(self, prompts: list[str] | None = None, return_images: bool = False, by_tag: bool = False) -> dict:
+        """Held-out evaluation with the deterministic ODE sampler and fixed per-prompt seeds.
+
+        `eval/<reward>` per reward, and the rewards' metadata means (`eval/<reward>_accuracy`, ...;
+        with `by_tag` also per tag, see `rewards.metadata_metrics`)."""
         prompts = self.eval_prompts if prompts is None else prompts
         if not prompts:
             return {}
@@ -692,8 +696,7 @@ class Trainer:
         images = self.adapter.decode(latents)
         scores = self.rewards.score(images, prompts)
         result = {f"eval/{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.values.items()}
-        for name, correct in self.rewards.accuracy(images, prompts).items():
-            result[f"eval/{name}_accuracy"] = correct.float().mean().item()
+        result.update({f"eval/{k}": v for k, v in metadata_metrics(scores, by_tag).items()})
         if return_images:
             result["images"] = images.cpu()
         return result

@@ -188,8 +188,11 @@ class RewardScores:
 
     def select(self, rows: torch.Tensor) -> "RewardScores":
         """The scores of `rows` only ((K,) int64 indices or (N,) bool mask): values, validity and
-        every metadata entry; fault counts stay those of the scored batch."""
-        index = rows.nonzero().flatten().tolist() if rows.dtype == torch.bool else rows.tolist()
+        every metadata entry; fault counts stay those of the scored batch. Reads `rows` to the
+        host only when some metadata entry is a list."""
+        index = None
+        if any(not isinstance(v, torch.Tensor) for entry in self.metadata.values() for v in entry.values()):
+            index = rows.nonzero().flatten().tolist() if rows.dtype == torch.bool else rows.tolist()
         metadata = {name: {key: value[rows] if isinstance(value, torch.Tensor) else [value[i] for i in index]
                            for key, value in entry.items()} for name, entry in self.metadata.items()}
         return RewardScores({k: v[rows] for k, v in self.values.items()}, self.valid[rows], dict(self.faults), metadata)
@@ -243,16 +246,18 @@ def metadata_metrics(scores: RewardScores, by_tag: bool = False) -> dict[str, fl
         measures = {key: value for key, value in metadata.items() if isinstance(value, torch.Tensor)}
         tags = metadata.get(TAG) if by_tag else None
         for key, value in measures.items():
-            out[f"{name}_{key}"] = _finite_mean(value.float())
+            out[f"{name}_{key}"] = _finite_mean(value)
         if tags is not None:
             rows = {}
             for i, tag in enumerate(tags):
                 rows.setdefault(tag, []).append(i)
             for key, value in measures.items():
                 for tag, index in rows.items():
-                    out[f"{name}_{key}/{tag}"] = _finite_mean(value.float()[torch.tensor(index, device=value.device)])
+                    out[f"{name}_{key}/{tag}"] = _finite_mean(value[torch.tensor(index, device=value.device)])
     return out
 
 
 def _finite_mean(values: torch.Tensor) -> float:
+    """Mean of the finite entries, in float32 (float64 input: float64); NaN when none is finite."""
+    values = values.double() if values.dtype == torch.float64 else values.float()
     return values[torch.isfinite(values)].mean().item()

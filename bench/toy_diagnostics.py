@@ -24,14 +24,14 @@ from dancegrpo.collect import collect
 from dancegrpo.data import load_prompts
 from dancegrpo.eval.evaluate import load_checkpoint_weights
 from dancegrpo.run_context import RunContext
-from dancegrpo.toy import scenes
+from dancegrpo.toy.detect import detect_objects
 from dancegrpo.trainer import Trainer
 
 DARK = 0.25  # a pixel whose brightest channel is below this counts as background
 
 
 def sample_statistics(images: torch.Tensor) -> dict[str, float]:
-    detections = [d for found in scenes.detect_objects(images) for d in found]
+    detections = [d for found in detect_objects(images) for d in found]
     shapes = Counter(str(d.shape) for d in detections)
     stats = {"objects_per_image": len(detections) / len(images),
              "mean_object_area_px": sum(d.area for d in detections) / max(len(detections), 1),

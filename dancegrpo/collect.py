@@ -125,9 +125,7 @@ def best_of_n(ctx: RunContext, batch: Batch) -> Batch:
     if ctx.dp.placement == "spread" and ctx.dp.size > 1:
         return _best_of_n_spread(ctx, batch)
     keep = grpo.best_of_n_indices(batch.advantages, g.group_size, g.best_of_n_keep)
-    scores = batch.scores
-    scores.values = {k: v[keep] for k, v in scores.values.items()}
-    scores.valid = scores.valid[keep]
+    scores = batch.scores.select(keep)
     advantages = grpo.aggregate_advantages(scores.values, ctx.rewards.weights, k2, valid=scores.valid)
     latents, cond = batch.rollout.latents[keep], index_cond(batch.cond, keep)
     return Batch(batch.prompts, batch.group_ids[keep], k2, cond, _recompute_log_probs(ctx, latents, cond),
@@ -154,9 +152,8 @@ def _best_of_n_spread(ctx: RunContext, batch: Batch) -> Batch:
     # Every local sample of a prompt has the same conditioning: the first one's, `share` times.
     first = torch.arange(num_prompts, device=keep.device).repeat_interleave(share) * local_group
     cond = index_cond(batch.cond, first)
-    scores = batch.scores
-    scores.values = {name: v[mine] for name, v in values.items()}
-    scores.valid = valid[mine]
+    # (The rewards' metadata, a reporting aid, is not exchanged between ranks: none after this selection.)
+    scores = RewardScores({name: v[mine] for name, v in values.items()}, valid[mine], dict(batch.scores.faults))
     group_ids = torch.arange(num_prompts, device=keep.device).repeat_interleave(share)
     return Batch(batch.prompts, group_ids, k2, cond, _recompute_log_probs(ctx, latents, cond), scores,
                  advantages[mine], batch.timings)

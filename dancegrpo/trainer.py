@@ -153,11 +153,12 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ evaluation
-    def evaluate(self, prompts: list[str] | None = None, return_images: bool = False) -> dict:
+    def evaluate(self, prompts: list[str] | None = None, return_images: bool = False, by_tag: bool = False) -> dict:
         """Held-out evaluation with the deterministic ODE sampler and fixed per-prompt seeds
-        (EMA weights when kept); see dancegrpo.eval.heldout.evaluate_heldout."""
+        (EMA weights when kept): `eval/<reward>` and the rewards' metadata means (with `by_tag`
+        also per tag); see dancegrpo.eval.heldout.evaluate_heldout."""
         prompts = self.eval_prompts if prompts is None else prompts
-        return evaluate_heldout(self.ctx, prompts, self._ema_weights(), return_images)
+        return evaluate_heldout(self.ctx, prompts, self._ema_weights(), return_images, by_tag=by_tag)
 
     def _ema_weights(self):
         """A context in which the policy holds the EMA weights (a no-op without EMA)."""

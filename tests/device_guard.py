@@ -50,7 +50,8 @@ _THIS_FILE = str(Path(__file__).resolve())
 HOST_SIDE: dict[tuple[str, str], str] = {
     ("dancegrpo/data.py", "prompts_for_iteration"): "the prompt order is host-side list work (CPU generator)",
     ("dancegrpo/models/toy_flux.py", "tokenize"): "token ids are built on the host; encode_prompts moves them",
-    ("dancegrpo/toy/scenes.py", "*"): "the rule-based toy reward moves images to the CPU first (detect_objects)",
+    ("dancegrpo/toy/detect.py", "*"): "the rule-based toy reward moves images to the CPU first (detect_objects)",
+    ("dancegrpo/toy/checker.py", "*"): "the toy checker scores on the CPU; the reward moves its outputs back",
     ("dancegrpo/models/skyreels_i2v.py", "encode"): "preprocess: image latents gathered on the host for the cache",
     ("dancegrpo/memory_estimate.py", "denoiser_inputs"): "example inputs built on the host; bench moves them",
     ("dancegrpo/sde.py", "ddim_alphas_cumprod"): "schedule tables built once on the host; samplers move them",

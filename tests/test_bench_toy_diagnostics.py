@@ -2,12 +2,12 @@
 import torch
 
 from bench.toy_diagnostics import horizontal_centre, sample_statistics
-from dancegrpo.toy import scenes
+from dancegrpo.toy.render import render_batch
 
 
 def test_statistics_of_rendered_scenes():
     prompts = ["a red circle on the left", "a blue square on the right", "two green triangles"]
-    images = scenes.render_batch(prompts, torch.Generator().manual_seed(0))
+    images = render_batch(prompts, torch.Generator().manual_seed(0))
     stats = sample_statistics(images)
     assert stats["objects_per_image"] == 4 / 3
     assert stats["shape_share/circle"] == stats["shape_share/square"] == 1 / 4

@@ -14,7 +14,7 @@ import torch
 import yaml
 
 from dancegrpo.cli import main
-from dancegrpo.eval.evaluate import compare, load_checkpoint_weights, run_eval
+from dancegrpo.eval.evaluate import compare, load_checkpoint_weights, run_eval, write_outputs
 from dancegrpo.trainer import Trainer
 
 from conftest import BASE_CONFIG
@@ -50,7 +50,7 @@ def _eval_metrics(result: dict) -> dict:
 
 def _overall(metrics: dict) -> dict:
     """Without the per-kind accuracies, which `dancegrpo eval` adds to Trainer.evaluate's metrics."""
-    return {key: value for key, value in metrics.items() if not key.startswith("accuracy/")}
+    return {key: value for key, value in metrics.items() if not key.startswith("toy_geneval_accuracy/")}
 
 
 def test_rows_equal_the_trainers_own_base_and_final_evaluations(trained, tmp_path):
@@ -163,16 +163,46 @@ def test_sample_loads_a_checkpoint_through_the_shared_loader(trained, tmp_path, 
 
 def test_per_kind_accuracies_add_up_to_the_overall_accuracy(trained, tmp_path):
     from dancegrpo.data import load_prompts
-    from dancegrpo.toy import scenes
+    from dancegrpo.toy import grammar
 
     report = run_eval(trained["cfg"], checkpoints=[trained["run"]], out_dir=tmp_path)
     prompts = load_prompts(trained["cfg"]["data"]["eval_prompts"])[: trained["cfg"]["data"]["eval_num_prompts"]]
     counts = {}
     for prompt in prompts:
-        kind = scenes.parse_prompt(prompt).kind
+        kind = grammar.parse_prompt(prompt).kind
         counts[kind] = counts.get(kind, 0) + 1
     for row in report.rows:
-        kinds = {key.removeprefix("accuracy/"): value for key, value in row.metrics.items() if key.startswith("accuracy/")}
+        kinds = {key.removeprefix("toy_geneval_accuracy/"): value for key, value in row.metrics.items()
+                 if key.startswith("toy_geneval_accuracy/")}
         assert set(kinds) == set(counts)
         weighted = sum(kinds[k] * n for k, n in counts.items()) / len(prompts)
         assert math.isclose(weighted, row.metrics["toy_geneval_accuracy"], abs_tol=1e-6)
+
+
+def test_per_tag_breakdown_of_a_reward_that_is_not_the_toy_one(tiny_config, tmp_path):
+    """The generic path: a test reward's metadata (a bool and a float measure, tags by prompt
+    length) is averaged overall and per tag, checked against float64 sums over the images."""
+    tiny_config["rewards"] = [{"name": "rewards_for_tests:tagged_brightness"}]
+    prompts = ["a red circle", "a blue square on the left", "two green triangles", "a red circle above a blue square"]
+    trainer = Trainer(tiny_config)
+    rows, images = compare(trainer, [], prompts, include_base=True, seeds=2)
+    (row,) = rows
+    assert set(row.metrics) == {"rewards_for_tests:tagged_brightness", *(
+        f"rewards_for_tests:tagged_brightness_{key}{tag}" for key in ("bright", "contrast")
+        for tag in ("", "/short", "/long"))}
+    pixels = images["base"].double().flatten(1)
+    brightness, contrast = pixels.mean(1), pixels.std(1)
+    tags = {"short": [0, 2], "long": [1, 3]}  # 12 and 19 characters; 25 and 32
+    got = {key.removeprefix("rewards_for_tests:tagged_brightness_"): value for key, value in row.per_seed[0].items()}
+    assert got["bright"] == pytest.approx((brightness > 0.3).double().mean().item(), abs=1e-6)
+    assert got["contrast"] == pytest.approx(contrast.mean().item(), rel=1e-5)
+    for tag, index in tags.items():
+        assert got[f"bright/{tag}"] == pytest.approx((brightness[index] > 0.3).double().mean().item(), abs=1e-6)
+        assert got[f"contrast/{tag}"] == pytest.approx(contrast[index].mean().item(), rel=1e-5)
+    # The trainer's own evaluation (metrics.jsonl) reports the overall means, not the breakdown.
+    plain = _eval_metrics(Trainer(tiny_config).evaluate(prompts=prompts))
+    assert plain == {k: v for k, v in row.per_seed[0].items() if "/" not in k}
+    files = write_outputs(rows, images, prompts, 2, tmp_path)
+    with open(files["csv"], newline="") as f:
+        header = next(csv.reader(f))
+    assert "rewards_for_tests:tagged_brightness_contrast/long" in header

@@ -25,10 +25,10 @@ def test_quickstart_recipe_raises_the_checker_reward_on_count_prompts(tmp_path):
     iterations on them move the checker's score measured the way the quickstart measures
     it: ODE sampler, fixed noise, before and after.
     """
-    from dancegrpo.toy import scenes
+    from dancegrpo.toy import grammar
 
-    train, _ = scenes.split_prompts()
-    counts = [p for p in train if scenes.parse_prompt(p).kind == "count"][:COUNT_PROMPTS]
+    train, _ = grammar.split_prompts()
+    counts = [p for p in train if grammar.parse_prompt(p).kind == "count"][:COUNT_PROMPTS]
     prompt_file = tmp_path / "counts.txt"
     prompt_file.write_text("\n".join(counts))
     trainer = Trainer(RECIPE, overrides=[

@@ -7,7 +7,8 @@ from diffusers import AutoencoderKL
 
 from dancegrpo.models import load_model
 from dancegrpo.models.toy_flux import ToyFluxGenerator, build_toy_flux
-from dancegrpo.toy import scenes
+from dancegrpo.toy.grammar import all_prompts, balance_by_kind
+from dancegrpo.toy.render import render_batch
 from dancegrpo.toy.autoencoder import AutoencoderConfig, build_autoencoder, train_autoencoder
 from dancegrpo.toy.pretrain import PretrainConfig, pretrain
 
@@ -29,9 +30,9 @@ def test_saved_factors_standardise_the_training_latents(tiny_vae_dir):
     cfg = AutoencoderConfig(dataset_size=48, held_out=16, **TINY_VAE)
     # The same draws as training: one generator, prompts then scenes.
     generator = torch.Generator().manual_seed(cfg.seed)
-    prompts = scenes.balance_by_kind(scenes.all_prompts())
+    prompts = balance_by_kind(all_prompts())
     picks = torch.randint(len(prompts), (cfg.dataset_size,), generator=generator)
-    images = scenes.render_batch([prompts[i] for i in picks], generator)[:cfg.dataset_size - cfg.held_out]
+    images = render_batch([prompts[i] for i in picks], generator)[:cfg.dataset_size - cfg.held_out]
     with torch.no_grad():
         z = vae.encode(images * 2 - 1).latent_dist.mean
     standardised = (z - vae.config.shift_factor) * vae.config.scaling_factor

@@ -26,7 +26,6 @@ import torch
 
 from ..checkpoint import EMA_FILE, STATE_FILE, CheckpointManager, latest_checkpoint, looks_like_checkpoint
 from ..data import load_prompts
-from ..toy import scenes
 from .report import save_before_after_grid
 
 log = logging.getLogger(__name__)
@@ -123,17 +122,16 @@ def _evaluation_seed(trainer, seed_index: int) -> Iterator[None]:
 
 def evaluate_model(trainer, prompts: list[str], seeds: int) -> tuple[dict[str, float], list[dict[str, float]],
                                                                         torch.Tensor]:
-    """Trainer.evaluate() for each seed index; returns (mean over seeds, per seed, seed-0 images)."""
+    """Trainer.evaluate() for each seed index; returns (mean over seeds, per seed, seed-0 images).
+
+    The rewards' metadata is also reported per tag (e.g. `toy_geneval_accuracy/<kind>`): an
+    overall accuracy alone hides which kinds of prompt moved."""
     per_seed, images = [], None
-    toy_prompts = all(scenes.is_toy_prompt(p) for p in prompts)
     for s in range(seeds):
         with _evaluation_seed(trainer, s):
-            result = trainer.evaluate(prompts=prompts, return_images=s == 0 or toy_prompts)
-        seed_images = result.pop("images")
+            result = trainer.evaluate(prompts=prompts, return_images=s == 0, by_tag=True)
         if s == 0:
-            images = seed_images
-        if toy_prompts:  # the overall accuracy alone hides which kinds moved
-            result.update({f"accuracy/{kind}": value for kind, value in scenes.accuracy_by_kind(seed_images, prompts).items()})
+            images = result.pop("images")
         per_seed.append({key.removeprefix("eval/"): value for key, value in result.items()})
     names = list(dict.fromkeys(name for row in per_seed for name in row))
     mean = {name: _mean([row.get(name, math.nan) for row in per_seed]) for name in names}

@@ -8,6 +8,7 @@ from typing import ContextManager
 
 import torch
 
+from ..rewards import metadata_metrics
 from ..rollout import ode_sample
 from ..run_context import RunContext, global_seed
 from ..seeding import seed_global_rngs, seeded_generator
@@ -27,15 +28,16 @@ def eval_noise_keys(prompts: list[str]) -> list[tuple]:
 
 @torch.no_grad()
 def evaluate_heldout(ctx: RunContext, prompts: list[str], weights: ContextManager | None = None,
-                     return_images: bool = False, seed: int | None = None) -> dict:
+                     return_images: bool = False, seed: int | None = None, by_tag: bool = False) -> dict:
     """Mean reward (and accuracy, for rewards that report one) of `prompts` under the current policy.
 
     `weights`: a context in which the policy holds the weights to score (e.g. `EMA.swapped_in`);
     default: as they are. `seed`: default run.seed: sample i starts from noise drawn by a
     generator keyed by (seed, "eval", prompt i[, repeat]), the same at every call, and the global
     RNGs are reseeded from (seed, "eval") first.
-    Returns {"eval/<reward>": mean over finite scores, "eval/<reward>_accuracy": ..., ["images":
-    (N, C, H, W) float in [0, 1] on the CPU]}; {} for no prompts.
+    Returns {"eval/<reward>": mean over finite scores, "eval/<reward>_<key>": mean of each
+    per-sample metadata measure a reward reports (e.g. accuracy; with `by_tag` also per tag, see
+    `rewards.metadata_metrics`), ["images": (N, C, H, W) float in [0, 1] on the CPU]}; {} for no prompts.
     """
     if not prompts:
         return {}
@@ -55,8 +57,7 @@ def evaluate_heldout(ctx: RunContext, prompts: list[str], weights: ContextManage
     images = adapter.decode(latents)
     scores = ctx.rewards.score(images, prompts)
     result = {f"eval/{k}": v[torch.isfinite(v)].mean().item() for k, v in scores.values.items()}
-    for name, correct in ctx.rewards.accuracy(images, prompts).items():
-        result[f"eval/{name}_accuracy"] = correct.float().mean().item()
+    result.update({f"eval/{k}": v for k, v in metadata_metrics(scores, by_tag).items()})
     if return_images:
         result["images"] = images.cpu()
     return result

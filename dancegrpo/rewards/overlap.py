@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import RewardEntry, RewardFn, RewardScores, RewardSet
+from . import RewardEntry, RewardFn, RewardScores, RewardSet, as_reward_output, concat_outputs
 from .async_scorer import AsyncScorer
 
 
@@ -37,7 +37,7 @@ class OverlappedScoring:
         raw = {}
         for entry in self.rewards.entries:
             try:
-                raw[entry.name] = torch.as_tensor(entry.fn(images, prompts), device=images.device).float().reshape(-1)
+                raw[entry.name] = as_reward_output(entry.fn(images, prompts), len(prompts), images.device)
             except Exception as err:  # replayed by gather(), where RewardSet logs and counts it
                 raw[entry.name] = err
         return raw
@@ -54,7 +54,7 @@ class OverlappedScoring:
                 failed = [part for part in parts if isinstance(part, Exception)]
                 if failed:
                     raise failed[0]
-                return torch.cat(parts)
+                return concat_outputs(parts)
             return scores
 
         replayed = RewardSet([RewardEntry(e.name, replay(e.name), e.weight, e.threshold) for e in self.rewards.entries])

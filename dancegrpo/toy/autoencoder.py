@@ -24,7 +24,9 @@ import yaml
 from diffusers import AutoencoderKL
 from tqdm import tqdm
 
-from . import scenes
+from .checker import check
+from .grammar import all_prompts, balance_by_kind
+from .render import render_batch
 
 
 @dataclass
@@ -87,10 +89,10 @@ def latent_statistics(vae: AutoencoderKL, images: torch.Tensor, chunk: int = 512
 def train_autoencoder(cfg: AutoencoderConfig, progress: bool = True) -> Path:
     torch.set_num_threads(cfg.num_threads)
     generator = torch.Generator().manual_seed(cfg.seed)
-    prompts = scenes.balance_by_kind(scenes.all_prompts())
+    prompts = balance_by_kind(all_prompts())
     picks = torch.randint(len(prompts), (cfg.dataset_size,), generator=generator)
     data_prompts = [prompts[i] for i in picks]
-    images = torch.cat([scenes.render_batch(data_prompts[i: i + 512], generator, size=cfg.image_size)
+    images = torch.cat([render_batch(data_prompts[i: i + 512], generator, size=cfg.image_size)
                         for i in range(0, cfg.dataset_size, 512)])
     train_rows = cfg.dataset_size - cfg.held_out
     vae = build_autoencoder(cfg)
@@ -111,7 +113,7 @@ def train_autoencoder(cfg: AutoencoderConfig, progress: bool = True) -> Path:
     mean, std = latent_statistics(vae, images[:train_rows])
     vae.register_to_config(shift_factor=mean, scaling_factor=1.0 / std)
     held_images, held_prompts = images[train_rows:], data_prompts[train_rows:]
-    accuracy = scenes.check(reconstruct(vae, held_images), held_prompts).correct.float().mean().item()
+    accuracy = check(reconstruct(vae, held_images), held_prompts).correct.float().mean().item()
     out = Path(cfg.output_dir)
     vae.save_pretrained(out)
     (out / "autoencoder_config.yaml").write_text(yaml.safe_dump(

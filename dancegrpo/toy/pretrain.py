@@ -28,7 +28,8 @@ from diffusers import AutoencoderKL
 
 from ..models.toy_flux import EMBEDDED_CHECKPOINT, ToyFluxGenerator, build_toy_flux
 from ..sde import time_shift
-from . import scenes
+from .grammar import all_prompts, balance_by_kind
+from .render import render_batch
 
 
 @dataclass
@@ -50,7 +51,7 @@ class PretrainConfig:
     image_size: int = 32  # the generator's native resolution; scenes are rendered at this size
     output_size: int | None = None  # decode upsamples to this (None = image_size); the checker sees it
     autoencoder: str | None = None  # a trained toy VAE (dancegrpo.toy.autoencoder): the flow works in its latent
-    kind_balanced: bool = False  # draw each prompt kind equally often (scenes.balance_by_kind)
+    kind_balanced: bool = False  # draw each prompt kind equally often (grammar.balance_by_kind)
     train_text_encoder: bool = True  # False keeps it frozen at its random init
     transformer: dict = field(default_factory=dict)  # overrides of DEFAULT_TRANSFORMER_CONFIG
     text_encoder: dict = field(default_factory=dict)  # overrides of DEFAULT_TEXT_CONFIG
@@ -100,15 +101,15 @@ def pretrain(cfg: PretrainConfig, progress: bool = True) -> Path:
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, cfg))
     ema = [p.detach().clone() for p in params] if cfg.ema_decay else None
-    prompts = scenes.all_prompts()
+    prompts = all_prompts()
     if cfg.kind_balanced:
-        prompts = scenes.balance_by_kind(prompts)
+        prompts = balance_by_kind(prompts)
     start = time.time()
     picks = torch.randint(len(prompts), (cfg.dataset_size,), generator=generator)
     data_prompts = [prompts[i] for i in picks]
     # Encoded once up front: rendering and the VAE encoder cost more than a training step.
     data_latents = torch.cat([
-        model.encode_images(scenes.render_batch(data_prompts[i: i + 512], generator, size=model.image_size))
+        model.encode_images(render_batch(data_prompts[i: i + 512], generator, size=model.image_size))
         for i in tqdm(range(0, cfg.dataset_size, 512), desc="render and encode scenes", disable=not progress)])
     bar = tqdm(range(cfg.steps), desc="pretrain toy_flux", dynamic_ncols=True, disable=not progress)
     for step in bar:

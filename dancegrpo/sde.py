@@ -1,4 +1,7 @@
-"""Sampler math for DanceGRPO: schedules, stochastic steps, Gaussian log-probs, ODE samplers.
+"""Sampler math for DanceGRPO: schedules, stochastic steps, Gaussian log-probs.
+
+The deterministic ODE sampler for evaluation (eta = 0) is `dancegrpo.rollout.ode_sample`, which
+runs these step functions with eta = 0 through a `dancegrpo.sampler` sampler.
 
 Everything here is a pure function on tensors. A stochastic sampler step is described by the
 Gaussian it draws the next latent from, ``(mean, std)``; GRPO needs both the sample and the
@@ -20,8 +23,6 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 from torch import Tensor
 
@@ -358,46 +359,3 @@ def sde_step_with_log_prob(
         raise ValueError("pass either noise (rollout mode) or prev_sample (training mode), not both")
     prev_sample = prev_sample.detach()
     return prev_sample, gaussian_log_prob(prev_sample, mean, std, reduce=reduce, validate=validate)
-
-
-# --------------------------------------------------------------------------------------------
-# deterministic ODE samplers for evaluation (eta = 0)
-# --------------------------------------------------------------------------------------------
-
-
-def flow_ode_sample(
-    predict_velocity: Callable[[Tensor, Tensor, int], Tensor],
-    x_T: Tensor,
-    sigmas: Tensor,
-) -> Tensor:
-    """Euler ODE over ``sigmas`` (descending, length T+1); returns x_0 in x_T's dtype.
-
-    ``predict_velocity(x, sigma, step_index)`` gets ``sigma`` as a 0-d tensor. Wrap the call in
-    ``torch.inference_mode()`` for evaluation.
-    """
-    x = x_T
-    for i in range(sigmas.shape[0] - 1):
-        v = predict_velocity(x, sigmas[i], i)
-        mean, _ = flow_step_mean_std(v, x, sigmas[i], sigmas[i + 1], eta=0.0)
-        x = mean.to(x_T.dtype)
-    return x
-
-
-def ddim_ode_sample(
-    predict_eps: Callable[[Tensor, Tensor, int], Tensor],
-    x_T: Tensor,
-    timesteps: Tensor,
-    abar_t: Tensor,
-    abar_prev: Tensor,
-) -> Tensor:
-    """Deterministic DDIM (eta = 0) over ``timesteps``; returns x_0 in x_T's dtype.
-
-    ``predict_eps(x, t, step_index)`` gets ``t`` as a 0-d integer tensor; ``abar_t``/``abar_prev``
-    come from :func:`ddim_schedule`.
-    """
-    x = x_T
-    for i in range(timesteps.shape[0]):
-        eps = predict_eps(x, timesteps[i], i)
-        mean, _ = ddim_step_mean_std(eps, x, abar_t[i], abar_prev[i], eta=0.0)
-        x = mean.to(x_T.dtype)
-    return x

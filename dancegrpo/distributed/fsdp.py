@@ -90,8 +90,3 @@ def trainable_after_sharding(trainable: nn.Module) -> None:
         raise RuntimeError(f"{type(trainable).__name__}: {len(plain)} trainable parameter(s) are not sharded by FSDP "
                            f"(first: {plain[0]}); the trainable module must be the sharded denoiser or hold its "
                            f"parameters (with a rebind() method to pick up the sharded ones)")
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)

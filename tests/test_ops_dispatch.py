@@ -99,7 +99,8 @@ ENV_OUTCOMES = {
     "flex": ((RuntimeError, rf"ops backend 'flex' {ENV_SOURCE} cannot run the fused ops here: there is no flex "
                             r"implementation of the fused ops \(implemented: torch, cpp, triton, cuda\)"), "flex"),
     "triton": ((RuntimeError, rf"ops backend 'triton' {ENV_SOURCE} cannot run the fused ops here: {GPU_ONLY}"),
-               (RuntimeError, rf"ops backend 'triton' {ENV_SOURCE} cannot run sliding-tile attention here: {GPU_ONLY}")),
+               (RuntimeError, rf"ops backend 'triton' {ENV_SOURCE} cannot run sliding-tile attention here: "
+                              rf"{GPU_ONLY}")),
     "bogus": ((ValueError, rf"unknown ops backend 'bogus' {ENV_SOURCE}; choose one of \('auto', 'torch', 'cpp', "
                            r"'triton', 'cuda', 'flex'\)"),) * 2,
 }

@@ -36,9 +36,9 @@ directly, it has no "SDPA without cuDNN" choice, and its flash backends refuse H
 When it is checked (the rules: `dancegrpo.attention.backend_choice`). The name at config load
 (`config_problems`, with the device: a CUDA-only kernel on `run.device: cpu` is refused there);
 the package, the head dims and the mask at install (adapter build); the device, attention dtype
-(autocast's if on) and capability when the denoiser is first called (a forward pre-hook), before any kernel runs. A kernel that still fails
-raises `AttentionBackendError` naming the backend, the module and its input shapes and dtype (the
-q/k/v shapes on the package routes), and the fix.
+(autocast's if on) and capability when the denoiser is first called (a forward pre-hook), before
+any kernel runs. A kernel that still fails raises `AttentionBackendError` naming the backend, the
+module and its input shapes and dtype (the q/k/v shapes on the package routes), and the fix.
 """
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from .schema import (Config, ConfigError, DataConfig, FSDPConfig, GRPOConfig, Mo
                      RewardConfig, RunConfig, SamplerConfig, TrainerConfig)
 
 __all__ = [
-    "ConfigError", "RunConfig", "ModelConfig", "SamplerConfig", "DataConfig", "RewardConfig",
-    "GRPOConfig", "TrainerConfig", "FSDPConfig", "ParallelConfig", "Config", "from_dict", "load_config", "config_to_dict",
+    "ConfigError", "RunConfig", "ModelConfig", "SamplerConfig", "DataConfig", "RewardConfig", "GRPOConfig",
+    "TrainerConfig", "FSDPConfig", "ParallelConfig", "Config", "from_dict", "load_config", "config_to_dict",
     "save_config", "stochastic_step_count", "trainable_step_count", "trained_step_count", "trainable_pairs",
 ]

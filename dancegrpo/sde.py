@@ -78,11 +78,13 @@ def _expand_like(value: ScheduleValue, x: Tensor, dtype: torch.dtype | None = No
 # --------------------------------------------------------------------------------------------
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::sd3_time_shift (Apache-2.0)
 def time_shift(t: ScheduleValue, shift: float) -> ScheduleValue:
     """Resolution time shift of SD3/FLUX: ``shift*t / (1 + (shift-1)*t)`` (maps 0->0, 1->1)."""
     return shift * t / (1 + (shift - 1) * t)
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::sample_reference_model (Apache-2.0)
 def flow_sigmas(num_steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> Tensor:
     """Rectified-flow noise levels for ``num_steps`` steps: shape (num_steps+1,), float32.
 
@@ -96,6 +98,7 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, device: torch.device | str |
     return time_shift(t, shift)
 
 
+# Adapted from diffusers src/diffusers/schedulers/scheduling_ddim.py::DDIMScheduler.__init__ (Apache-2.0)
 def ddim_alphas_cumprod(
     num_train_timesteps: int = 1000,
     beta_start: float = 0.00085,
@@ -116,6 +119,7 @@ def ddim_alphas_cumprod(
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+# Adapted from diffusers src/diffusers/schedulers/scheduling_ddim.py::DDIMScheduler.set_timesteps (Apache-2.0)
 def ddim_timesteps(
     num_steps: int,
     num_train_timesteps: int = 1000,
@@ -148,6 +152,7 @@ def ddim_timesteps(
     return torch.tensor(steps[::-1], dtype=torch.long)
 
 
+# Adapted from diffusers src/diffusers/schedulers/scheduling_ddim.py::DDIMScheduler.step (Apache-2.0)
 def ddim_schedule(
     num_steps: int,
     alphas_cumprod: Tensor,
@@ -177,6 +182,8 @@ def ddim_schedule(
 # --------------------------------------------------------------------------------------------
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::flux_step (Apache-2.0)
+# Adapted from flow_grpo flow_grpo/diffusers_patch/sd3_sde_with_logprob.py::sde_step_with_logprob (MIT)
 def flow_step_mean_std(
     velocity: Tensor,
     sample: Tensor,
@@ -240,6 +247,8 @@ def flow_step_mean_std(
     return mean, std
 
 
+# Adapted from diffusers src/diffusers/schedulers/scheduling_ddim.py::DDIMScheduler.step (Apache-2.0)
+# Adapted from DanceGRPO fastvideo/models/stable_diffusion/ddim_with_logprob.py::ddim_step_with_logprob (Apache-2.0)
 def ddim_step_mean_std(
     eps: Tensor,
     sample: Tensor,
@@ -278,6 +287,7 @@ def ddim_step_mean_std(
 # --------------------------------------------------------------------------------------------
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::flux_step (Apache-2.0)
 def gaussian_log_prob(
     x_next: Tensor,
     mean: Tensor,

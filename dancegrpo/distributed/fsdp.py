@@ -41,6 +41,7 @@ def fsdp_mesh(device_type: str, world_size: int, shard_size: int | None = None) 
     return init_device_mesh(device_type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
+# Adapted from torchtitan torchtitan/models/flux/parallelize.py::apply_fsdp (BSD-3-Clause)
 def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: str = "fp32", reduce_dtype: str = "fp32",
                 cpu_offload: bool = False) -> nn.Module:
     """FSDP2: `fully_shard` each transformer block, then the root (in place; returns `model`).

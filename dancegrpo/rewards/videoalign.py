@@ -141,6 +141,7 @@ class VideoAlignScorer:
         std = torch.tensor(self.std, device=frames.device).view(1, 3, 1, 1)
         return patchify_video((frames - mean) / std, self.patch_size, self.merge_size, self.temporal_patch_size)
 
+    # Adapted from VideoAlign inference.py::VideoVLMRewardInference.prepare_batch (MIT)
     def batch_inputs(self, videos: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         """The model inputs for a batch: right-padded ids and mask, patches, grids."""
         patches, grids, texts = [], [], []
@@ -159,6 +160,7 @@ class VideoAlignScorer:
         return {"input_ids": enc["input_ids"].to(device), "attention_mask": enc["attention_mask"].to(device),
                 "pixel_values_videos": torch.cat(patches), "video_grid_thw": torch.tensor(grids, device=device)}
 
+    # Adapted from VideoAlign inference.py::VideoVLMRewardInference.reward (MIT)
     @torch.no_grad()
     def score(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         """(B, T, 3, H, W) (or (B, 3, H, W): a still video of two frames) -> {VQ, MQ, TA, Overall}: (B,)."""

@@ -19,6 +19,7 @@ VIDEO_MIN_PIXELS = 128 * 28 * 28
 MAX_ASPECT_RATIO = 200
 
 
+# Adapted from VideoAlign vision_process.py::smart_resize (MIT)
 def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
     """Qwen2-VL's target size: multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
     if max(height, width) / min(height, width) > MAX_ASPECT_RATIO:
@@ -36,6 +37,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
     return h, w
 
 
+# Adapted from VideoAlign vision_process.py::smart_nframes (MIT)
 def sample_frame_indices(total: int, video_fps: float | None, fps: float | None = None,
                          num_frames: int | None = None) -> Tensor:
     """Indices of the frames VideoAlign looks at: `num_frames` of them, or `fps` per second of
@@ -56,6 +58,7 @@ def sample_frame_indices(total: int, video_fps: float | None, fps: float | None 
     return torch.linspace(0, total - 1, n).round().long()
 
 
+# Adapted from VideoAlign vision_process.py::fetch_video (MIT)
 def resize_frames(frames: Tensor, height: int, width: int, quantize: bool = True) -> Tensor:
     """(T, 3, H, W) in [0, 255] -> bicubic antialiased resize; with `quantize`, rounded to integers
     before and after as the released pipeline's uint8 video frames are."""
@@ -69,6 +72,7 @@ def resize_frames(frames: Tensor, height: int, width: int, quantize: bool = True
     return frames
 
 
+# Adapted from transformers src/transformers/models/qwen2_vl/video_processing_qwen2_vl.py::Qwen2VLVideoProcessor.patchify (Apache-2.0)  # noqa: E501
 def patchify_video(frames: Tensor, patch_size: int, merge_size: int, temporal_patch_size: int
                    ) -> tuple[Tensor, tuple[int, int, int]]:
     """Normalised (T, C, H, W) -> (grid_t*grid_h*grid_w, C*tps*p*p) patches in Qwen2-VL's order, and the grid.

@@ -24,6 +24,7 @@ SPECIAL_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
 TEMPLATE_CONSTANTS = {"detailed_special": "DETAILED_PROMPT_WITH_SPECIAL_TOKEN", "detailed": "DETAILED_PROMPT"}
 
 
+# Adapted from VideoAlign inference.py::load_configs_from_json (MIT)
 @dataclass
 class VideoAlignConfig:
     """The parts of a release's model_config.json that inference depends on."""
@@ -136,10 +137,12 @@ def read_release_weights(path: Path) -> dict[str, Tensor]:
     from ..io_errors import load_tensor_file
     state = load_tensor_file(path, "VideoAlign weights")
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ValueError(f"VideoAlign weights {str(path)!r} do not hold a state dict of tensors (got {type(state).__name__})")
+        raise ValueError(f"VideoAlign weights {str(path)!r} do not hold a state dict of tensors "
+                         f"(got {type(state).__name__})")
     return state
 
 
+# Adapted from VideoAlign trainer.py::Qwen2VLRewardModelBT.forward (MIT)
 class VideoAlignModel(nn.Module):
     """Qwen2-VL backbone + the reward head on the special tokens' last hidden states."""
 
@@ -163,7 +166,8 @@ class VideoAlignModel(nn.Module):
         video = video.pooler_output if hasattr(video, "pooler_output") else video
         mask = (input_ids == self.video_token_id).unsqueeze(-1).expand_as(embeds)
         if int(mask[..., 0].sum()) != video.shape[0]:
-            raise ValueError(f"{int(mask[..., 0].sum())} video tokens in the text for {video.shape[0]} video embeddings")
+            raise ValueError(f"{int(mask[..., 0].sum())} video tokens in the text for {video.shape[0]} "
+                             "video embeddings")
         embeds = embeds.masked_scatter(mask, video.to(embeds.dtype))
         # Sequential positions on every M-RoPE axis, as the released model was trained.
         hidden = inner.language_model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
@@ -201,6 +205,8 @@ def merge_lora(weights: dict[str, Tensor], lora: dict[str, Tensor], scale: float
     return merged
 
 
+# Adapted from VideoAlign inference.py::VideoVLMRewardInference.__init__ (MIT)
+# Adapted from VideoAlign utils.py::load_model_from_checkpoint (MIT)
 def load_videoalign_model(path: Path, cfg: VideoAlignConfig, base_model: Path, tokenizer, dtype: torch.dtype,
                           checkpoint_step: int | None = None) -> VideoAlignModel:
     """Base Qwen2-VL + resized embeddings + reward head, with the release checkpoint applied

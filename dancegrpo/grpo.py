@@ -129,6 +129,7 @@ def _membership(groups: GroupIds, n: int, device) -> Tensor:
     return ids.to(device)[None, :] == torch.arange(count, device=device)[:, None]
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::train_one_step (Apache-2.0)
 def _group_advantages(
     rewards: Tensor, group_size: int | GroupIds, valid: Tensor | None, eps: float, name: str
 ) -> Tensor:
@@ -281,6 +282,7 @@ class ClippedLossOutput(NamedTuple):
     ratio_max: Tensor
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::train_one_step (Apache-2.0)
 def clipped_ratio_loss(
     logp_new: Tensor,
     logp_old: Tensor,
@@ -337,6 +339,7 @@ def clipped_ratio_loss(
     )
 
 
+# Adapted from flow_grpo scripts/train_sd3.py::main (MIT)
 def kl_penalty(mean_new: Tensor, mean_ref: Tensor, std: Tensor | float) -> Tensor:
     """KL(N(mean_new, std^2) || N(mean_ref, std^2)) per sample, averaged over elements.
 
@@ -380,6 +383,7 @@ def kl_penalty(mean_new: Tensor, mean_ref: Tensor, std: Tensor | float) -> Tenso
 # --------------------------------------------------------------------------- sampling helpers
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::train_one_step (Apache-2.0)
 def trained_step_count(num_steps: int, tau: float, rounding: str = "ceil") -> int:
     """How many of ``num_steps`` trainable steps a sample trains on.
 
@@ -399,6 +403,7 @@ def trained_step_count(num_steps: int, tau: float, rounding: str = "ceil") -> in
     raise ValueError(f"rounding = {rounding!r} is not allowed: must be 'ceil' or 'floor'")
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::train_one_step (Apache-2.0)
 def subsample_timesteps(
     num_samples: int,
     num_steps: int,
@@ -438,6 +443,7 @@ def subsample_timesteps(
     return picked.to(device) if device is not None else picked
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::sample_reference_model (Apache-2.0)
 def shared_group_noise(
     num_groups: int,
     group_size: int,
@@ -486,6 +492,7 @@ def initial_noise(
     return noise.to(device) if device is not None else noise
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_hunyuan.py::train_one_step (Apache-2.0)
 def best_of_n_indices(rewards: Tensor, group_size: int, keep: int) -> Tensor:
     """Indices of the ``keep`` best and ``keep`` worst samples of every group.
 

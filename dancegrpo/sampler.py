@@ -80,6 +80,7 @@ class _StepNoise:
         return entry[0]
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::run_sample_step (Apache-2.0)
 def floor_model_time(sigmas: torch.Tensor, resolution: int | None) -> torch.Tensor:
     """The denoiser's time input for noise levels `sigmas` (any shape, float32): `sigmas`
     itself when `resolution` is None, else ``floor(sigmas * resolution) / resolution``

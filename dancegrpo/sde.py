@@ -1,4 +1,7 @@
-"""Sampler math for DanceGRPO: schedules, stochastic steps, Gaussian log-probs, ODE samplers.
+"""Sampler math for DanceGRPO: schedules, stochastic steps, Gaussian log-probs.
+
+The deterministic ODE sampler for evaluation (eta = 0) is `dancegrpo.rollout.ode_sample`, which
+runs these step functions with eta = 0 through a `dancegrpo.sampler` sampler.
 
 Everything here is a pure function on tensors. A stochastic sampler step is described by the
 Gaussian it draws the next latent from, ``(mean, std)``; GRPO needs both the sample and the
@@ -20,8 +23,6 @@ Conventions
 from __future__ import annotations
 
 import math
-from typing import Callable
-
 import torch
 from torch import Tensor
 
@@ -77,11 +78,13 @@ def _expand_like(value: ScheduleValue, x: Tensor, dtype: torch.dtype | None = No
 # --------------------------------------------------------------------------------------------
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::sd3_time_shift (Apache-2.0)
 def time_shift(t: ScheduleValue, shift: float) -> ScheduleValue:
     """Resolution time shift of SD3/FLUX: ``shift*t / (1 + (shift-1)*t)`` (maps 0->0, 1->1)."""
     return shift * t / (1 + (shift - 1) * t)
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::sample_reference_model (Apache-2.0)
 def flow_sigmas(num_steps: int, shift: float = 1.0, device: torch.device | str | None = None) -> Tensor:
     """Rectified-flow noise levels for ``num_steps`` steps: shape (num_steps+1,), float32.
 
@@ -95,6 +98,7 @@ def flow_sigmas(num_steps: int, shift: float = 1.0, device: torch.device | str |
     return time_shift(t, shift)
 
 
+# Adapted from diffusers src/diffusers/schedulers/scheduling_ddim.py::DDIMScheduler.__init__ (Apache-2.0)
 def ddim_alphas_cumprod(
     num_train_timesteps: int = 1000,
     beta_start: float = 0.00085,
@@ -115,6 +119,7 @@ def ddim_alphas_cumprod(
     return torch.cumprod(1.0 - betas, dim=0)
 
 
+# Adapted from diffusers src/diffusers/schedulers/scheduling_ddim.py::DDIMScheduler.set_timesteps (Apache-2.0)
 def ddim_timesteps(
     num_steps: int,
     num_train_timesteps: int = 1000,
@@ -147,6 +152,7 @@ def ddim_timesteps(
     return torch.tensor(steps[::-1], dtype=torch.long)
 
 
+# Adapted from diffusers src/diffusers/schedulers/scheduling_ddim.py::DDIMScheduler.step (Apache-2.0)
 def ddim_schedule(
     num_steps: int,
     alphas_cumprod: Tensor,
@@ -176,6 +182,8 @@ def ddim_schedule(
 # --------------------------------------------------------------------------------------------
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::flux_step (Apache-2.0)
+# Adapted from flow_grpo flow_grpo/diffusers_patch/sd3_sde_with_logprob.py::sde_step_with_logprob (MIT)
 def flow_step_mean_std(
     velocity: Tensor,
     sample: Tensor,
@@ -239,6 +247,8 @@ def flow_step_mean_std(
     return mean, std
 
 
+# Adapted from diffusers src/diffusers/schedulers/scheduling_ddim.py::DDIMScheduler.step (Apache-2.0)
+# Adapted from DanceGRPO fastvideo/models/stable_diffusion/ddim_with_logprob.py::ddim_step_with_logprob (Apache-2.0)
 def ddim_step_mean_std(
     eps: Tensor,
     sample: Tensor,
@@ -277,6 +287,7 @@ def ddim_step_mean_std(
 # --------------------------------------------------------------------------------------------
 
 
+# Adapted from DanceGRPO fastvideo/train_grpo_flux.py::flux_step (Apache-2.0)
 def gaussian_log_prob(
     x_next: Tensor,
     mean: Tensor,
@@ -358,46 +369,3 @@ def sde_step_with_log_prob(
         raise ValueError("pass either noise (rollout mode) or prev_sample (training mode), not both")
     prev_sample = prev_sample.detach()
     return prev_sample, gaussian_log_prob(prev_sample, mean, std, reduce=reduce, validate=validate)
-
-
-# --------------------------------------------------------------------------------------------
-# deterministic ODE samplers for evaluation (eta = 0)
-# --------------------------------------------------------------------------------------------
-
-
-def flow_ode_sample(
-    predict_velocity: Callable[[Tensor, Tensor, int], Tensor],
-    x_T: Tensor,
-    sigmas: Tensor,
-) -> Tensor:
-    """Euler ODE over ``sigmas`` (descending, length T+1); returns x_0 in x_T's dtype.
-
-    ``predict_velocity(x, sigma, step_index)`` gets ``sigma`` as a 0-d tensor. Wrap the call in
-    ``torch.inference_mode()`` for evaluation.
-    """
-    x = x_T
-    for i in range(sigmas.shape[0] - 1):
-        v = predict_velocity(x, sigmas[i], i)
-        mean, _ = flow_step_mean_std(v, x, sigmas[i], sigmas[i + 1], eta=0.0)
-        x = mean.to(x_T.dtype)
-    return x
-
-
-def ddim_ode_sample(
-    predict_eps: Callable[[Tensor, Tensor, int], Tensor],
-    x_T: Tensor,
-    timesteps: Tensor,
-    abar_t: Tensor,
-    abar_prev: Tensor,
-) -> Tensor:
-    """Deterministic DDIM (eta = 0) over ``timesteps``; returns x_0 in x_T's dtype.
-
-    ``predict_eps(x, t, step_index)`` gets ``t`` as a 0-d integer tensor; ``abar_t``/``abar_prev``
-    come from :func:`ddim_schedule`.
-    """
-    x = x_T
-    for i in range(timesteps.shape[0]):
-        eps = predict_eps(x, timesteps[i], i)
-        mean, _ = ddim_step_mean_std(eps, x, abar_t[i], abar_prev[i], eta=0.0)
-        x = mean.to(x_T.dtype)
-    return x

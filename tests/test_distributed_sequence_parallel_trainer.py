@@ -54,7 +54,7 @@ def test_sequence_parallel_step_equals_single_process_step(tmp_path, world, para
                  "--option", "template_crop_start=auto", "--no-progress"]) == 0
     # 5 frames of 32 x 48 pixels: 2 x 2 x 3 = 12 video tokens after patchify, 6 per rank. Sliding-tile
     # attention inside: a window per head (each rank keeps its head's), full attention at step 0.
-    sta = {"window": [[1, 1, 1], [1, 2, 2]], "tile": [1, 2, 2], "full_attention_steps": 1, "backend": "reference"}
+    sta = {"window": [[1, 1, 1], [1, 2, 2]], "tile": [1, 2, 2], "full_attention_steps": 1, "backend": "torch"}
     options = {"prompt_cache": str(tmp_path / "cache"), "height": 32, "width": 48, "frames": 5, "sta": sta}
     if lora:  # LoRA weights alone trained: Ulysses goes on the peft model's base transformer
         options["lora"] = lora

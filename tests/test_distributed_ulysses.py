@@ -108,7 +108,7 @@ def _worker(rank: int, port: int) -> None:
             install_ulysses(_tiny_transformer(heads=3), group)
 
         # With sliding-tile attention: per-head windows, each rank keeps its heads' windows.
-        sta = {"window": [[1, 1, 2], [3, 1, 1], [1, 1, 1], [3, 2, 2]], "tile": [1, 4, 4], "backend": "reference"}
+        sta = {"window": [[1, 1, 2], [3, 1, 1], [1, 1, 1], [3, 2, 2]], "tile": [1, 4, 4], "backend": "torch"}
         reference_model, inputs = _tiny_transformer(heads=4), _inputs(3, 8, 12)  # tokens (3, 4, 6)
         install_sta(reference_model, sta)
         reference = _loss_and_grads(reference_model, *inputs)

@@ -20,7 +20,7 @@ from dancegrpo.models.checkpoint_layout import CheckpointLayoutError, read_json
 from dancegrpo.models.prompt_cache import PromptCache, PromptCacheWriter
 from dancegrpo.preprocess import read_prompt_file
 from dancegrpo.rewards.openclip_compat import read_state_dict
-from dancegrpo.rewards.videoalign import _read_torch
+from dancegrpo.rewards.videoalign_release import read_release_weights
 
 LATIN1 = "a red cat\ncafé au lait\n".encode("latin-1")  # é = 0xE9: line 2, column 4, byte offset 13
 
@@ -145,7 +145,7 @@ class NotATensor:
     pass
 
 
-@pytest.mark.parametrize("reader", [read_state_dict, _read_torch])
+@pytest.mark.parametrize("reader", [read_state_dict, read_release_weights])
 def test_reward_checkpoints_truncated_foreign_or_pickled_objects(tmp_path, reader):
     state = {"w": torch.arange(64, dtype=torch.float32)}
     torch.save({"state_dict": state}, tmp_path / "hps.pt")

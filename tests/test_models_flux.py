@@ -103,8 +103,6 @@ def test_lora_round_trip_and_free_reference(flux, tmp_path):
         ours = adapter.predict(x, t, cond)
         base_out = base_adapter.predict(x, t, cond)
         assert not torch.allclose(ours, base_out)
-        with adapter.reference():
-            torch.testing.assert_close(adapter.predict(x, t, cond), base_out, rtol=0, atol=1e-6)
         with adapter.frozen_reference().active():
             torch.testing.assert_close(adapter.predict(x, t, cond), base_out, rtol=0, atol=1e-6)
 

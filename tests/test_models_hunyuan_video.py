@@ -141,7 +141,7 @@ def test_sample_command_writes_an_mp4(hunyuan, tmp_path):
 def test_trainer_gives_sliding_tile_attention_its_step_schedule(hunyuan, tmp_path):
     """full_attention_steps needs the sampling step, which STA reads off the trainer's schedule."""
     ckpt, cache_dir = hunyuan
-    sta = {"window": [1, 1, 1], "tile": [1, 2, 2], "full_attention_steps": 1, "backend": "reference"}
+    sta = {"window": [1, 1, 1], "tile": [1, 2, 2], "full_attention_steps": 1, "backend": "torch"}
     cfg = trainer_config(tmp_path / "run", "hunyuan_video", ckpt, options(cache_dir, frames=5, sta=sta))
     trainer = Trainer(cfg, rewards={"brightness": brightness})
     metrics = trainer.step()

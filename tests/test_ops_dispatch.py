@@ -69,7 +69,8 @@ def test_without_extension_auto_falls_back_to_torch_and_logs_once(monkeypatch, c
     fallback = [r for r in caplog.records if "using the torch reference ops" in r.getMessage()]
     assert len(fallback) == 1 and "dancegrpo._ops_cpu is not built" in fallback[0].getMessage()
     assert logp.shape == (2,)
-    with pytest.raises(RuntimeError, match="ops backend 'cpp' cannot run here: the CPU extension"):
+    with pytest.raises(RuntimeError, match=r"ops backend 'cpp' \(from the backend argument\) cannot run the fused ops "
+                                           r"here: the CPU extension"):
         ops.resolve_backend("cpp", CPU)
 
 
@@ -82,6 +83,68 @@ def test_a_stale_build_is_not_used(monkeypatch, caplog):
     current = types.SimpleNamespace(source_hash=extension._build_description()["source_hash"]("cpu"))
     monkeypatch.setattr(extension.importlib, "import_module", lambda name: current)
     assert extension._prebuilt("dancegrpo._ops_cpu", "cpu") is current
+
+
+# ------------------------------------------------------------------ one rule: fused ops and sliding-tile attention
+ENV_SOURCE = r"\(from environment variable DANCEGRPO_OPS_BACKEND\)"
+GPU_ONLY = "triton kernels need a GPU"
+# What DANCEGRPO_OPS_BACKEND=<name> gives on CPU tensors (no Triton interpreter, the C++ extension built), for
+# the fused ops and for sliding-tile attention: a backend name, or (error type, message pattern).
+ENV_OUTCOMES = {
+    "torch": ("torch", "torch"),
+    "auto": ("cpp", "torch"),
+    "cpp": ("cpp", (RuntimeError, rf"ops backend 'cpp' {ENV_SOURCE} cannot run sliding-tile attention here: there "
+                                  r"is no cpp implementation of sliding-tile attention \(implemented: torch, triton, "
+                                  r"flex\)\. Available for cpu: \['torch', 'flex'\]")),
+    "flex": ((RuntimeError, rf"ops backend 'flex' {ENV_SOURCE} cannot run the fused ops here: there is no flex "
+                            r"implementation of the fused ops \(implemented: torch, cpp, triton, cuda\)"), "flex"),
+    "triton": ((RuntimeError, rf"ops backend 'triton' {ENV_SOURCE} cannot run the fused ops here: {GPU_ONLY}"),
+               (RuntimeError, rf"ops backend 'triton' {ENV_SOURCE} cannot run sliding-tile attention here: "
+                              rf"{GPU_ONLY}")),
+    "bogus": ((ValueError, rf"unknown ops backend 'bogus' {ENV_SOURCE}; choose one of \('auto', 'torch', 'cpp', "
+                           r"'triton', 'cuda', 'flex'\)"),) * 2,
+}
+
+
+@pytest.mark.parametrize("name", list(ENV_OUTCOMES))
+def test_fused_ops_and_sta_honour_the_env_var_the_same_way(monkeypatch, name):
+    from dancegrpo.attention.sta import STA_OP
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setenv(backends.ENV_VAR, name)
+    for op, expected in zip((backends.FUSED_OPS, STA_OP), ENV_OUTCOMES[name]):
+        if isinstance(expected, str):
+            assert ops.resolve_backend(None, CPU, op) == expected, op
+        else:
+            with pytest.raises(expected[0], match=expected[1]):
+                ops.resolve_backend(None, CPU, op)
+        assert ops.resolve_backend("torch", CPU, op) == "torch"   # the argument beats the environment variable
+
+
+def test_sta_attention_runs_the_backend_the_rule_picks(monkeypatch):
+    """The env var, then set_default_backend, choose what sta_attention runs; its results agree."""
+    from dancegrpo.attention import sta
+    ran = []
+    for name in ("_flex", "sta_reference"):
+        original = getattr(sta, name)
+        monkeypatch.setattr(sta, name, lambda *a, _f=original, _n=name, **k: (ran.append(_n), _f(*a, **k))[1])
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(1, 2, 32 + 3, 8, generator=gen) for _ in range(3))   # canvas 2x4x4, 3 text tokens
+    args = (q, k, v, (2, 4, 4), [1, 1, 1], (1, 4, 4))                           # two tiles, each attends itself
+    outs = {}
+    monkeypatch.setenv(backends.ENV_VAR, "flex")
+    outs["flex"] = sta.sta_attention(*args)
+    monkeypatch.delenv(backends.ENV_VAR)
+    ops.set_default_backend("torch")
+    outs["torch"] = sta.sta_attention(*args)
+    ops.set_default_backend(None)
+    outs["auto"] = sta.sta_attention(*args)                   # auto on CPU: torch
+    assert ran == ["_flex", "sta_reference", "sta_reference"]
+    torch.testing.assert_close(outs["flex"], outs["torch"], atol=1e-5, rtol=1e-5)
+    with pytest.raises(RuntimeError, match=r"ops backend 'cpp' \(from the backend argument\) cannot run "
+                                           r"sliding-tile attention here"):
+        sta.sta_attention(*args, backend="cpp")
+    with pytest.raises(ValueError, match="'reference' was renamed 'torch'"):
+        sta.sta_attention(*args, backend="reference")
 
 
 def _training_step(v, x, prev, old_logp, adv, sigma, sigma_next, backend):

@@ -341,52 +341,6 @@ def test_bf16_inputs_are_computed_in_float32():
 
 
 # --------------------------------------------------------------------------------------------
-# ODE samplers
-# --------------------------------------------------------------------------------------------
-
-
-def test_flow_ode_sample_constant_velocity_lands_at_x_minus_v():
-    sigmas = sde.flow_sigmas(12, shift=3.0)
-    g = _gen(15)
-    x_T, v = torch.randn(2, 3, 4, generator=g), torch.randn(2, 3, 4, generator=g)
-    calls = []
-
-    def predict(x, sigma, i):
-        calls.append((float(sigma), i))
-        return v
-
-    x_0 = sde.flow_ode_sample(predict, x_T, sigmas)
-    torch.testing.assert_close(x_0, x_T - v, atol=1e-5, rtol=0)
-    assert calls == [(float(sigmas[i]), i) for i in range(12)]
-
-
-@pytest.mark.parametrize("set_alpha_to_one", [True, False])
-def test_ddim_ode_sample_with_true_eps_recovers_x0(set_alpha_to_one):
-    """With the exact eps of a known x0, deterministic DDIM keeps x_t = sqrt(a)*x0 + sqrt(1-a)*eps0
-    on every step, so it ends at sqrt(a_final)*x0 + sqrt(1-a_final)*eps0 (= x0 when a_final = 1)."""
-    num_steps = 20
-    ac = sde.ddim_alphas_cumprod().double()
-    timesteps = sde.ddim_timesteps(num_steps)
-    abar_t, abar_prev = sde.ddim_schedule(num_steps, ac, timesteps, set_alpha_to_one)
-    g = _gen(16)
-    x0 = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
-    eps0 = torch.randn(x0.shape, generator=g, dtype=torch.float64)
-    a_T = ac[timesteps[0]]
-    x_T = a_T.sqrt() * x0 + (1 - a_T).sqrt() * eps0
-
-    def true_eps(x, t, i):
-        a = ac[t]
-        return (x - a.sqrt() * x0) / (1 - a).sqrt()
-
-    out = sde.ddim_ode_sample(true_eps, x_T, timesteps, abar_t, abar_prev)
-    a_final = 1.0 if set_alpha_to_one else float(ac[0])
-    expected = math.sqrt(a_final) * x0 + math.sqrt(1 - a_final) * eps0
-    torch.testing.assert_close(out, expected, atol=1e-8, rtol=1e-8)
-    if set_alpha_to_one:
-        torch.testing.assert_close(out, x0, atol=1e-8, rtol=1e-8)
-
-
-# --------------------------------------------------------------------------------------------
 # errors
 # --------------------------------------------------------------------------------------------
 

@@ -131,7 +131,7 @@ if RUN_KERNELS:
 
         from dancegrpo.attention.hunyuan_processor import install_sta
         grads = []
-        for backend in ("triton", "reference"):
+        for backend in ("triton", "torch"):
             model = tiny_transformer().to(DEVICE)
             install_sta(model, {"window": [[1, 1, 1], [3, 1, 1]], "tile": list(TILE), "backend": backend})
             batch = {k: v.to(DEVICE) if torch.is_tensor(v) else v for k, v in inputs().items()}

@@ -66,7 +66,7 @@ def test_full_window_equals_stock_processor():
 
 
 @pytest.mark.parametrize("window", [[1, 1, 1], [[1, 1, 2], [3, 1, 1]]])
-@pytest.mark.parametrize("backend", ["reference", "flex"])
+@pytest.mark.parametrize("backend", ["torch", "flex"])
 @torch.no_grad()
 def test_small_window_equals_dense_mask_reference(window, backend):
     stock = tiny_transformer()
@@ -142,6 +142,24 @@ def test_options_are_validated():
         STAOptions.from_dict({"windows": [1, 1, 1]})
     with pytest.raises(ValueError, match="one window per layer"):
         install_sta(tiny_transformer(), {"table": [[[1, 1, 1]]]})
+
+
+def test_backend_option_follows_the_ops_rule(monkeypatch):
+    """sta.backend: the former 'reference' is refused naming 'torch'; with auto, DANCEGRPO_OPS_BACKEND
+    chooses STA's backend too, so a name STA does not implement is refused at config time."""
+    monkeypatch.delenv("DANCEGRPO_OPS_BACKEND", raising=False)
+    for name in ("auto", "torch", "triton", "flex"):
+        assert STAOptions(window=[1, 1, 1], backend=name).validate() == []
+    (problem,) = STAOptions(window=[1, 1, 1], backend="reference").validate()
+    assert "sta.backend = 'reference' was renamed 'torch'" in problem
+    (problem,) = STAOptions(window=[1, 1, 1], backend="cpp").validate()
+    assert problem == "sta.backend = 'cpp' must be one of auto, torch, triton, flex"
+    monkeypatch.setenv("DANCEGRPO_OPS_BACKEND", "cpp")
+    (problem,) = STAOptions(window=[1, 1, 1]).validate()
+    assert "DANCEGRPO_OPS_BACKEND = 'cpp'" in problem and "no sliding-tile attention implementation" in problem
+    assert STAOptions(window=[1, 1, 1], backend="torch").validate() == []   # an explicit backend wins
+    monkeypatch.setenv("DANCEGRPO_OPS_BACKEND", "flex")
+    assert STAOptions(window=[1, 1, 1]).validate() == []
 
 
 def test_hunyuan_adapter_option_installs_sta(tmp_path):

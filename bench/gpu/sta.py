@@ -100,7 +100,7 @@ def _sta_op_alone(ctx: Context, canvas_text: str, window: str, setup: dict) -> d
     n = math.prod(canvas) + setup["text"]
     shape = (1, setup["heads"], n, setup["head_dim"])
     q, k, v = (torch.randn(shape, device=ctx.device, dtype=_dtype(ctx), requires_grad=True) for _ in range(3))
-    backend = "triton" if ctx.cuda else "reference"
+    backend = "triton" if ctx.cuda else "torch"
     fwd, fwd_bwd = _attention_pair(lambda: sta_attention(q, k, v, canvas, list(_triple(window)), setup["tile"], None,
                                                          backend=backend), [q, k, v], ctx.device, ctx.tiny)
     return dict(canvas=canvas_text, window=window, backend=f"sta_{backend}", tokens=n, fwd_ms=fwd,

@@ -18,13 +18,15 @@ sampler's model times (sigmas) so each call maps its timestep to a step index; o
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .sta import BACKENDS, kernel_plan, sta_attention
+from ..ops.backends import ENV_VAR, known_backends, op_backends
+from .sta import BACKENDS, STA_OP, kernel_plan, renamed_backend_message, sta_attention
 from .sta_mask import AUTO, normalize_windows, resolve_tile, window_for_extent
 
 WINDOW_UNITS = ("tiles", "tokens")
@@ -47,7 +49,8 @@ class STAOptions:
     tile: list | str = AUTO            # (t, h, w) in tokens, or "auto": per canvas, the fewest padded tokens
     window_unit: str = "tiles"         # tiles: window / table entries count tiles; tokens: spans in tokens
     full_attention_steps: int = 0
-    backend: str = "auto"              # auto (Triton on CUDA, else dense reference) | triton | flex | reference
+    backend: str = "auto"              # auto (dancegrpo.ops' rule: DANCEGRPO_OPS_BACKEND, else Triton on CUDA,
+    #                                    else torch) | torch (dense-mask reference) | triton | flex
     kernel_efficiency: float | None = None  # STA TFLOP/s on attended blocks / dense TFLOP/s; None = always STA
 
     @classmethod
@@ -87,9 +90,26 @@ class STAOptions:
                             "(python -m bench.sta_bench)")
         if self.full_attention_steps < 0:
             problems.append(f"sta.full_attention_steps = {self.full_attention_steps} must be >= 0")
-        if self.backend not in BACKENDS:
+        renamed = renamed_backend_message(self.backend, "sta.backend")
+        if renamed:
+            problems.append(renamed)
+        elif self.backend not in BACKENDS:
             problems.append(f"sta.backend = {self.backend!r} must be one of {', '.join(BACKENDS)}")
+        elif self.backend == "auto":
+            problems.append(_env_backend_problem())
         return [p for p in problems if p]
+
+
+def _env_backend_problem() -> str | None:
+    """With sta.backend auto, DANCEGRPO_OPS_BACKEND chooses STA's backend too: refuse a name STA lacks."""
+    name = os.environ.get(ENV_VAR, "").strip().lower()
+    implemented = op_backends(STA_OP).names
+    if not name or name == "auto" or name in implemented:
+        return None
+    what = "is not a backend" if name not in known_backends() else "has no sliding-tile attention implementation"
+    return (f"environment variable {ENV_VAR} = {name!r} also chooses sliding-tile attention's backend "
+            f"(sta.backend: auto), and {name!r} {what} (sliding-tile attention implements "
+            f"{', '.join(implemented)}): unset it, or set sta.backend to one of them")
 
 
 class STAController:
@@ -241,8 +261,8 @@ class STAHunyuanAttnProcessor:
             if window is None:
                 outs.append(_full_attention(*sub, sub_text))
             else:
-                outs.append(sta_attention(*sub, control.canvas, window, tile, sub_text,
-                                          backend=control.options.backend))
+                backend = None if control.options.backend == "auto" else control.options.backend
+                outs.append(sta_attention(*sub, control.canvas, window, tile, sub_text, backend=backend))
             order.append(rows)
         if len(outs) == 1:
             return outs[0]

@@ -1,4 +1,4 @@
-"""Sliding-tile attention: the Triton kernel behind torch.autograd, flex_attention, and a dispatcher.
+"""Sliding-tile attention: the Triton kernel behind torch.autograd, flex_attention, and its backends.
 
 `sta_attention(q, k, v, canvas, window, ...)` takes tokens in the transformer's order (video
 raster order, then text) and returns the same layout. The Triton and flex backends pack
@@ -8,6 +8,10 @@ padded to a whole block; kernel blocks are a power of two dividing the tile (128
 the block mask. The kernel plan lists, per query block, the key blocks it attends; blocks
 holding no real token (video padding, text rounding) are skipped both as keys and as
 queries (their output rows are dropped by `unpack` anyway).
+
+The backend is chosen by dancegrpo.ops' one rule (`dancegrpo.ops.backends`), where this module
+registers sliding-tile attention's implementations: torch (the dense-mask reference), triton
+and flex (its own).
 """
 from __future__ import annotations
 
@@ -19,9 +23,36 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from ..ops.backends import AUTO as AUTO_BACKEND, OpBackends, backend_for, register_op_backends, resolve_backend
 from .sta_mask import AUTO, STAMask, normalize_windows, resolve_tile, sta_reference
 
-BACKENDS = ("auto", "triton", "flex", "reference")
+#: the key sliding-tile attention resolves its backend under (dancegrpo.ops.backends)
+STA_OP = "sta"
+#: every accepted `backend` of `sta_attention` and value of `model.options.sta.backend`
+BACKENDS = (AUTO_BACKEND, "torch", "triton", "flex")
+#: former names, refused with the new one
+RENAMED = {"reference": "torch"}
+
+
+def _flex_usable(device: torch.device) -> tuple[bool, str]:
+    try:
+        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+    except ImportError:
+        return False, "this torch has no torch.nn.attention.flex_attention (torch >= 2.5 has it)"
+    return True, ""
+
+
+register_op_backends(OpBackends(
+    STA_OP, "sliding-tile attention", names=("torch", "triton", "flex"), auto={"cuda": ("triton",)},
+    own={"flex": _flex_usable}))
+
+
+def renamed_backend_message(name, where: str) -> str | None:
+    """The refusal of a former STA backend name (`where` = e.g. "sta.backend"), or None."""
+    if isinstance(name, str) and name in RENAMED:
+        return (f"{where} = {name!r} was renamed {RENAMED[name]!r} (the dense-mask torch reference, named like "
+                f"dancegrpo.ops' backends): use {RENAMED[name]!r}")
+    return None
 
 
 def block_size_for(tile_tokens: int, largest: int = 128) -> int:
@@ -248,22 +279,28 @@ def _compiled_flex():
 
 def sta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, canvas, window, tile=AUTO,
                   text_valid: torch.Tensor | None = None, scale: float | None = None,
-                  backend: str = "auto") -> torch.Tensor:
+                  backend: str | None = None) -> torch.Tensor:
     """Sliding-tile attention.
 
     q, k, v: (B, heads, N, D), N = T*H*W video tokens in raster order followed by text tokens;
     canvas: (T, H, W) in tokens; window: [t, h, w] in tiles, or one per head; tile: (t, h, w)
     in tokens or "auto" (`auto_tile`: the fewest padded tokens for this canvas); text_valid:
-    (B, text tokens) bool, None = all valid. backend: "triton" (CUDA, or the Triton interpreter),
-    "flex" (torch flex_attention with the same block mask), "reference" (SDPA with the dense
-    mask), or "auto" = triton on CUDA, else reference.
+    (B, text tokens) bool, None = all valid. backend: "torch" (SDPA with the dense mask, the
+    definition), "triton" (the kernels in kernels/sta_attention.py; CUDA, or the Triton
+    interpreter), "flex" (torch flex_attention with the same block mask), "auto", or None
+    (the default). It is resolved by dancegrpo.ops' rule (`dancegrpo.ops.backends`): the
+    argument, else DANCEGRPO_OPS_BACKEND, else `ops.set_default_backend`, else auto = triton on
+    CUDA, torch elsewhere. ValueError for an unknown or renamed ("reference": now "torch")
+    name; RuntimeError for a backend that cannot run here (e.g. triton on CPU tensors outside
+    the interpreter, or a fused-op-only name such as cpp from the environment variable).
     """
-    if backend not in BACKENDS:
-        raise ValueError(f"STA backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        backend = "triton" if q.is_cuda else "reference"
+    renamed = renamed_backend_message(backend, "sta_attention backend")
+    if renamed:
+        raise ValueError(renamed)
+    backend = resolve_backend(backend, q.device, STA_OP) if torch.compiler.is_compiling() else \
+        backend_for(backend, q.device, STA_OP)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    if backend == "reference":
+    if backend == "torch":
         return sta_reference(q, k, v, canvas, window, tile, text_valid, scale)
     text_tokens = q.shape[2] - math.prod(canvas)
     if text_tokens < 0:

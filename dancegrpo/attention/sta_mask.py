@@ -256,10 +256,6 @@ class STAMask:
         mask[:, :, nv:, :] = key_valid[:, None, None, :]           # text queries: everything valid
         return mask
 
-    def attended_fraction(self) -> float:
-        """Fraction of (video query tile, video key tile) pairs attended, averaged over heads."""
-        return self.tile_mask.float().mean().item()
-
 
 def sta_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, canvas, window, tile=AUTO,
                   text_valid: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:

@@ -39,6 +39,7 @@ _MARK = "_dancegrpo_checkpoint_mode"   # set on a wrapped block: the mode
 _MODEL_MARK = "_dancegrpo_checkpointing_applied"
 
 
+# Adapted from torchtitan torchtitan/distributed/activation_checkpoint.py::_get_default_save_ops (BSD-3-Clause)
 def _saved_ops() -> frozenset:
     """The aten ops whose outputs selective checkpointing keeps: matmuls and fused attention forwards."""
     aten = torch.ops.aten

@@ -41,6 +41,7 @@ def fsdp_mesh(device_type: str, world_size: int, shard_size: int | None = None) 
     return init_device_mesh(device_type, (world_size // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
 
 
+# Adapted from torchtitan torchtitan/models/flux/parallelize.py::apply_fsdp (BSD-3-Clause)
 def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: str = "fp32", reduce_dtype: str = "fp32",
                 cpu_offload: bool = False) -> nn.Module:
     """FSDP2: `fully_shard` each transformer block, then the root (in place; returns `model`).
@@ -90,8 +91,3 @@ def trainable_after_sharding(trainable: nn.Module) -> None:
         raise RuntimeError(f"{type(trainable).__name__}: {len(plain)} trainable parameter(s) are not sharded by FSDP "
                            f"(first: {plain[0]}); the trainable module must be the sharded denoiser or hold its "
                            f"parameters (with a rebind() method to pick up the sharded ones)")
-
-
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-    return isinstance(model, FSDPModule)

@@ -71,6 +71,7 @@ def all_to_all(x: torch.Tensor, scatter_dim: int, gather_dim: int, group: Proces
     return _AllToAll.apply(x, scatter_dim, gather_dim, group)
 
 
+# Adapted from DanceGRPO fastvideo/utils/communications.py::all_to_all_4D (Apache-2.0)
 def sequence_to_heads(x: torch.Tensor, group: ProcessGroup | None, seq_dim: int = 1,
                       head_dim: int = 2) -> torch.Tensor:
     """(B, N/sp, H, D) on each rank -> (B, N, H/sp, D): all tokens, this rank's heads."""

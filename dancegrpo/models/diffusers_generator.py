@@ -206,12 +206,6 @@ class DiffusersGenerator(nn.Module):
             return _LoraReference(self.denoiser)
         return FrozenReference(self, self.denoiser_attr)
 
-    def reference(self):
-        """Context manager: predictions inside come from the initial policy (LoRA only; free)."""
-        if self.lora is None:
-            raise RuntimeError("reference() without a copy exists only for LoRA; use frozen_reference() for a full fine-tune")
-        return self.denoiser.disable_adapter()
-
     def lookup_prompts(self, prompts: list[str]) -> Conditioning:
         """Cached tensors of these prompts on the model's device."""
         return {k: v.to(self.device) for k, v in self.cache.lookup(list(prompts)).items()}

@@ -115,6 +115,7 @@ class FluxPromptEncoder:
     def meta(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length}
 
+    # Adapted from diffusers src/diffusers/pipelines/flux/pipeline_flux.py::FluxPipeline.encode_prompt (Apache-2.0)
     @torch.no_grad()
     def encode(self, prompts: list[str], extras: list[dict] | None = None) -> dict[str, torch.Tensor]:
         clip_ids = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,

@@ -149,6 +149,7 @@ class HunyuanPromptEncoder:
     def meta(self) -> dict:
         return {"max_sequence_length": self.max_sequence_length, "template_crop_start": self.crop_start}
 
+    # Adapted from diffusers src/diffusers/pipelines/hunyuan_video/pipeline_hunyuan_video.py::HunyuanVideoPipeline.encode_prompt (Apache-2.0)  # noqa: E501
     @torch.no_grad()
     def encode(self, prompts: list[str], extras: list[dict] | None = None) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer([self.template.format(p) for p in prompts], padding="max_length",

@@ -104,11 +104,6 @@ class LoraParameters(nn.Module):
         return self
 
 
-def reference_context(peft_model: nn.Module):
-    """Context manager: the frozen initial policy (LoRA layers bypassed), at no memory cost."""
-    return peft_model.disable_adapter()
-
-
 def merged_state_dict(peft_model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's state dict with every LoRA delta merged in, under the base model's own keys."""
     from peft.tuners.lora import LoraLayer

@@ -123,6 +123,7 @@ class SD14PromptEncoder:
     def meta(self) -> dict:
         return {}
 
+    # Adapted from diffusers src/diffusers/pipelines/stable_diffusion/pipeline_stable_diffusion.py::StableDiffusionPipeline.encode_prompt (Apache-2.0)  # noqa: E501
     @torch.no_grad()
     def encode(self, prompts: list[str], extras: list[dict] | None = None) -> dict[str, torch.Tensor]:
         tokens = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,

@@ -64,6 +64,7 @@ class SkyReelsI2VGenerator(HunyuanVideoGenerator):
     def negative_keys(self) -> tuple[str, ...]:
         return TEXT_KEYS
 
+    # Adapted from diffusers src/diffusers/pipelines/hunyuan_video/pipeline_hunyuan_skyreels_image2video.py::HunyuanSkyreelsImageToVideoPipeline.prepare_latents (Apache-2.0)  # noqa: E501
     def image_condition(self, cond: Conditioning, frames: int, dtype: torch.dtype) -> torch.Tensor:
         """The image latent as frame 0 of a zero video: (B, C, frames, h, w)."""
         image = cond["image_latents"].to(dtype)

@@ -125,6 +125,7 @@ def latents_to_pixels(latents: torch.Tensor) -> torch.Tensor:
     return (F.pixel_shuffle(latents.float(), 2) + 1).div(2).clamp(0, 1)
 
 
+# Adapted from diffusers src/diffusers/pipelines/flux/pipeline_flux.py::FluxPipeline._pack_latents (Apache-2.0)
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     """FLUX packing: (B, C, h, w) -> (B, h/2 * w/2, 4C), 2x2 patches as tokens."""
     b, c, h, w = latents.shape
@@ -132,12 +133,14 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
     return x.reshape(b, (h // 2) * (w // 2), c * 4)
 
 
+# Adapted from diffusers src/diffusers/pipelines/flux/pipeline_flux.py::FluxPipeline._unpack_latents (Apache-2.0)
 def unpack_latents(tokens: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
     b = tokens.shape[0]
     x = tokens.view(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
     return x.reshape(b, channels, h, w)
 
 
+# Adapted from diffusers src/diffusers/pipelines/flux/pipeline_flux.py::FluxPipeline._prepare_latent_image_ids (Apache-2.0)  # noqa: E501
 def latent_image_ids(h: int, w: int, device=None) -> torch.Tensor:
     """FLUX image position ids: (h/2 * w/2, 3) holding (0, row, col)."""
     rows = torch.arange(h // 2, device=device).repeat_interleave(w // 2)

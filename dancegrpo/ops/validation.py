@@ -82,7 +82,7 @@ def require(condition: Tensor, error: type[Exception], message: str) -> None:
 
 
 _STD_MESSAGE = ("the step's std must be > 0 for a log-prob: eta = 0 (or sigma_next == sigma) is a deterministic "
-                "step with no density; use eta > 0, or the ODE sampler (sde.flow_ode_sample / ddim_ode_sample) "
+                "step with no density; use eta > 0, or the ODE sampler (dancegrpo.rollout.ode_sample) "
                 "when no log-prob is needed")
 
 

@@ -122,6 +122,7 @@ class CLIPFamilyReward:
         return torch.cat(scores).view(images.shape[0], per_sample).mean(dim=1)
 
 
+# Adapted from HPSv2 hpsv2/img_score.py::score (Apache-2.0)
 class OpenCLIPCosineReward(CLIPFamilyReward):
     """Cosine of normalised open_clip image and text features (HPS v2.1 and CLIP score)."""
 

@@ -34,6 +34,7 @@ def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
     return out.clamp(0.0, 1.0)  # PIL clips bicubic overshoot to the pixel range
 
 
+# Adapted from open_clip src/open_clip/transform.py::image_transform (MIT)
 def resize_shortest_side(images: Tensor, size: int) -> Tensor:
     """Bicubic (antialiased) resize so the shorter side is `size`, keeping the aspect ratio.
 
@@ -48,6 +49,7 @@ def resize_shortest_side(images: Tensor, size: int) -> Tensor:
     return _resize(images, new_size)
 
 
+# Adapted from open_clip src/open_clip/transform.py::image_transform (MIT)
 def center_crop(images: Tensor, height: int, width: int, offsets: Literal["round", "floor"] = "round") -> Tensor:
     """Crop the centre `height x width`.
 
@@ -64,6 +66,7 @@ def center_crop(images: Tensor, height: int, width: int, offsets: Literal["round
     return images[..., top:top + height, left:left + width]
 
 
+# Adapted from HPSv2 hpsv2/src/open_clip/transform.py::ResizeMaxSize (Apache-2.0)
 def resize_longest_side_and_pad(images: Tensor, size: int, fill: float = 0.0) -> Tensor:
     """HPS v2's `ResizeMaxSize`: longest side to `size` (sides rounded), then pad to a square.
 

@@ -86,6 +86,7 @@ class OpenCLIPConfig:
         return cls.from_dict(data.get("model_cfg", data))
 
 
+# Adapted from open_clip src/open_clip/layers.py::LayerNorm (MIT)
 class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 and cast back (open_clip's LayerNormFp32 under bf16/fp16)."""
 
@@ -94,6 +95,7 @@ class LayerNorm(nn.LayerNorm):
                             self.eps).to(x.dtype)
 
 
+# Adapted from open_clip src/open_clip/layers.py::QuickGELU (MIT)
 class QuickGELU(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x * torch.sigmoid(1.702 * x)
@@ -121,6 +123,7 @@ class Attention(nn.Module):
         return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
 
 
+# Adapted from open_clip src/open_clip/transformer.py::ResidualAttentionBlock (MIT)
 class ResidualAttentionBlock(nn.Module):
     def __init__(self, width: int, heads: int, mlp_ratio: float, quick_gelu: bool):
         super().__init__()
@@ -139,6 +142,7 @@ class ResidualAttentionBlock(nn.Module):
         return x + self.mlp(self.ln_2(x))
 
 
+# Adapted from open_clip src/open_clip/transformer.py::Transformer (MIT)
 class Transformer(nn.Module):
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, quick_gelu: bool):
         super().__init__()
@@ -151,6 +155,7 @@ class Transformer(nn.Module):
         return x
 
 
+# Adapted from open_clip src/open_clip/transformer.py::VisionTransformer (MIT)
 class VisionTransformer(nn.Module):
     """open_clip's ViT tower: patch conv, class token, ln_pre, blocks, ln_post on the class token, proj."""
 
@@ -178,6 +183,7 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x[:, 0]) @ self.proj                           # ln_post is per token: pool first
 
 
+# Adapted from open_clip src/open_clip/model.py::CLIP (MIT)
 class OpenCLIP(nn.Module):
     """open_clip's `CLIP` (image and text towers, `logit_scale`), with its state-dict names."""
 
@@ -257,11 +263,14 @@ def find_openclip_weights(directory: str | Path) -> Path | None:
 _WHITESPACE = re.compile(r"\s+")
 
 
+# Adapted from open_clip src/open_clip/tokenizer.py::basic_clean (MIT)
+# Adapted from open_clip src/open_clip/tokenizer.py::whitespace_clean (MIT)
 def clean_text(text: str) -> str:
     """open_clip's text cleaning without ftfy: HTML unescaped twice, whitespace collapsed, lower case."""
     return _WHITESPACE.sub(" ", html.unescape(html.unescape(text))).strip().lower()
 
 
+# Adapted from open_clip src/open_clip/tokenizer.py::SimpleTokenizer.__call__ (MIT)
 class OpenCLIPTokenizer:
     """CLIP BPE tokens in open_clip's layout: [sot, ids..., eot, 0, 0, ...], length `context_length`.
 

@@ -125,7 +125,8 @@ from dancegrpo.models.prompt_cache import PromptCache, PromptCacheError
 from dancegrpo.rollout import ode_sample
 from dancegrpo.sampler import build_sampler
 from dancegrpo.trainer import Trainer
-from tiny_models import PROMPTS, brightness, trainer_config, write_images, write_prompts
+from tiny_models import PROMPTS, brightness, write_images, write_prompts
+from tiny_models import trainer_config as base_trainer_config
 
 #: Default tolerances (torch.testing.assert_close keyword arguments) by check; a subclass's
 #: `tolerances` overrides entries. Exact (0, 0) where the same computation runs on both sides.
@@ -224,6 +225,9 @@ class AdapterTesterMixin:
         super().__init_subclass__(**kwargs)
         missing = [name for name in REQUIRED_ATTRIBUTES if not hasattr(cls, name)]
         missing += [name for name in REQUIRED_HOOKS if getattr(cls, name) is getattr(AdapterTesterMixin, name)]
+        default = AdapterTesterMixin
+        if cls.build_checkpoint is default.build_checkpoint and cls.make_tiny is default.make_tiny:
+            missing.append("build_checkpoint (or make_tiny)")
         if cls.cfg_option is not None and cls.unguided_predict is AdapterTesterMixin.unguided_predict:
             missing.append("unguided_predict (cfg_option is set)")
         if cls.image_conditioned and cls.pipeline_image_latents is AdapterTesterMixin.pipeline_image_latents:
@@ -297,10 +301,10 @@ class AdapterTesterMixin:
 
     def trainer_config(self, run_dir: Path, tiny: Tiny, **extra_options) -> dict:
         """The smallest GRPO iteration in which every check still means something: one prompt x a
-        group of 2 (advantages +-1/sqrt(2)), 2 sampling steps (tau 0.5: one trained step), one
-        update; tiny_models.trainer_config otherwise (checkpoint every iteration, final_model/)."""
-        cfg = trainer_config(run_dir, self.model, tiny.checkpoint, self.options(tiny, **extra_options),
-                             prediction=self.prediction)
+        group of 2 (two rewards, nonzero advantages), 2 sampling steps (tau 0.5: one trained step),
+        one update; tiny_models.trainer_config otherwise (checkpoint every iteration, final_model/)."""
+        cfg = base_trainer_config(run_dir, self.model, tiny.checkpoint, self.options(tiny, **extra_options),
+                                  prediction=self.prediction)
         cfg["sampler"]["num_steps"] = 2
         cfg["grpo"]["prompts_per_iteration"] = 1
         return cfg

@@ -7,7 +7,6 @@ adds the text-to-image mode.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from diffusers import HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
 from diffusers.pipelines.hunyuan_video.pipeline_hunyuan_video import DEFAULT_PROMPT_TEMPLATE
 

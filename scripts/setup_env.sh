@@ -12,7 +12,7 @@ extras="${1:-}"
 stamp=".venv/.dancegrpo-installed${extras:+-$extras}"
 # Reinstall when the package description, the pins or the extension sources changed.
 changed_sources="$(find csrc -type f -newer "$stamp" 2>/dev/null | head -n 1 || true)"
-if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] || [ -n "$changed_sources" ]; then
+if [ ! -f "$stamp" ] || [ setup.py -nt "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ constraints.txt -nt "$stamp" ] || [ -n "$changed_sources" ]; then
   pip_install=(.venv/bin/python -m pip install --quiet --disable-pip-version-check -c constraints.txt)
   # The C++ extension of dancegrpo.ops compiles against torch, so torch comes first and the
   # package is built without pip's build isolation (which would hide torch from setup.py).

@@ -23,9 +23,9 @@ from bench.gradient_snr import with_grpo
 from dancegrpo.collect import collect
 from dancegrpo.data import load_prompts
 from dancegrpo.eval.evaluate import load_checkpoint_weights
+from dancegrpo.eval.heldout import EvalModel
 from dancegrpo.run_context import RunContext
 from dancegrpo.toy.detect import detect_objects
-from dancegrpo.trainer import Trainer
 
 DARK = 0.25  # a pixel whose brightest channel is below this counts as background
 
@@ -67,9 +67,9 @@ def group_spread(ctx: RunContext, group_size: int = 8) -> dict[str, float]:
     return result
 
 
-def diagnose(trainer: Trainer) -> dict[str, float]:
-    images = trainer.evaluate(load_prompts("toy:eval"), return_images=True)["images"]
-    return {**sample_statistics(images), **group_spread(trainer.ctx)}
+def diagnose(model: EvalModel) -> dict[str, float]:
+    images = model.evaluate(load_prompts("toy:eval"), return_images=True)["images"]
+    return {**sample_statistics(images), **group_spread(model.ctx)}
 
 
 def main(argv=None) -> None:
@@ -78,11 +78,11 @@ def main(argv=None) -> None:
     parser.add_argument("--checkpoint", help="a run folder or checkpoint to compare with the base")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    trainer = Trainer(args.config, overrides=["run.output_dir=runs/toy_diagnostics", *args.set])
-    rows = {"base": diagnose(trainer)}
+    model = EvalModel.build(args.config, overrides=["run.output_dir=runs/toy_diagnostics", *args.set])
+    rows = {"base": diagnose(model)}
     if args.checkpoint:
-        load_checkpoint_weights(trainer, args.checkpoint)
-        rows[args.checkpoint] = diagnose(trainer)
+        load_checkpoint_weights(model, args.checkpoint)
+        rows[args.checkpoint] = diagnose(model)
     names = list(dict.fromkeys(k for row in rows.values() for k in row))
     print(f"{'':44s}" + "".join(f"{label[-24:]:>26s}" for label in rows))
     for name in names:

@@ -80,13 +80,13 @@ def _leave_process_group() -> None:
 
 def _sample(args) -> int:
     from .eval.evaluate import load_checkpoint_weights
-    from .trainer import Trainer
-    trainer = Trainer(args.config, overrides=list(args.set or []))
+    from .eval.heldout import EvalModel
+    model = EvalModel.build(args.config, overrides=list(args.set or []))
     if args.checkpoint:
-        load_checkpoint_weights(trainer, args.checkpoint)
+        load_checkpoint_weights(model, args.checkpoint)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    images = trainer.evaluate(prompts=args.prompt, return_images=True)["images"]
+    images = model.evaluate(prompts=args.prompt, return_images=True)["images"]
     for i, (prompt, sample) in enumerate(zip(args.prompt, images)):
         stem = out / f"{i:03d}_{prompt.replace(' ', '_').replace('/', '_')[:60]}"
         # tiny toy images get enlarged unless --upscale says otherwise

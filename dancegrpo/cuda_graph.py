@@ -113,12 +113,12 @@ def _key(x0: torch.Tensor, cond: Conditioning) -> tuple:
 
 
 @torch.no_grad()
-def graphed_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Tensor, chunk_size: int,
+def graphed_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Tensor, chunks: list[torch.Tensor],
                     generator: torch.Generator | None, reduce: str, progress=None,
-                    on_chunk_done: Callable[[torch.Tensor, torch.Tensor], None] | None = None):
-    """`rollout.run_rollout` with each chunk's loop replayed from a CUDA graph (same results)."""
-    from .rollout import Rollout, chunk_indices
-
+                    on_chunk_done: Callable[[torch.Tensor, torch.Tensor], None] | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rollout.run_rollout`'s loop over `chunks` (sample indices) with each chunk's loop replayed
+    from a CUDA graph (same results); returns (latents (N, T+1, ...), log_probs (N, T))."""
     check_cuda_graph(initial_latents.device)
     if reduce != "mean":
         raise ValueError(f"sampler.cuda_graph: true runs the fused SDE step, which scores the mean log-prob; "
@@ -128,7 +128,6 @@ def graphed_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch
     latents = initial_latents.new_empty((num_samples, steps + 1, *initial_latents.shape[1:]))
     latents[:, 0] = initial_latents
     log_probs = torch.full((num_samples, steps), float("nan"), device=initial_latents.device)
-    chunks = chunk_indices(num_samples, chunk_size, initial_latents.device)
     for rows in chunks:
         x0, chunk_cond = latents[rows, 0], index_cond(cond, rows)
         # the eager loop's draws, in its order: one per stochastic step, the chunk's shape
@@ -145,4 +144,4 @@ def graphed_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch
             on_chunk_done(rows, latents[rows, -1])
         if progress is not None:
             progress.update(1)
-    return Rollout(latents=latents, log_probs=log_probs, chunks=chunks)
+    return latents, log_probs

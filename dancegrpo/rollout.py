@@ -46,8 +46,10 @@ def run_rollout(adapter, sampler, cond: Conditioning, initial_latents: torch.Ten
     copy of its final latents (e.g. to start scoring it while the next chunk samples).
     """
     if getattr(sampler, "cuda_graph", False):  # the same loop, replayed from a CUDA graph per chunk
-        return graphed_rollout(adapter, sampler, cond, initial_latents, chunk_size, generator, reduce, progress,
-                               on_chunk_done)
+        chunks = chunk_indices(initial_latents.shape[0], chunk_size, initial_latents.device)
+        latents, log_probs = graphed_rollout(adapter, sampler, cond, initial_latents, chunks, generator, reduce,
+                                             progress, on_chunk_done)
+        return Rollout(latents=latents, log_probs=log_probs, chunks=chunks)
     num_samples, steps = initial_latents.shape[0], sampler.num_steps
     latents = initial_latents.new_empty((num_samples, steps + 1, *initial_latents.shape[1:]))
     latents[:, 0] = initial_latents

@@ -32,7 +32,7 @@ from .config import Config, config_to_dict, save_config
 from .distributed.data_parallel import agree_any, broadcast_parameters
 from .distributed.parallelize import parallelize_denoiser
 from .ema import EMA
-from .eval.heldout import evaluate_heldout
+from .eval.heldout import EvalModel
 from .eval.report import save_eval_images, write_report
 from .metrics import MetricsLogger
 from .models import load_model
@@ -85,6 +85,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(t.lr_schedule, t.warmup_iterations, t.iterations))
         self.ema = EMA(self.policy, t.ema_decay) if t.ema_decay else None
+        self.evaluator = EvalModel(ctx, self.ema, self.parallel.reshard)
         self.updater = Updater(ctx, self.policy, self.params, self.optimizer, self.ema, reference,
                                self.parallel.sharded_module)
         self.iteration = 0  # iterations completed
@@ -156,15 +157,8 @@ class Trainer:
     def evaluate(self, prompts: list[str] | None = None, return_images: bool = False, by_tag: bool = False) -> dict:
         """Held-out evaluation with the deterministic ODE sampler and fixed per-prompt seeds
         (EMA weights when kept): `eval/<reward>` and the rewards' metadata means (with `by_tag`
-        also per tag); see dancegrpo.eval.heldout.evaluate_heldout."""
-        prompts = self.eval_prompts if prompts is None else prompts
-        return evaluate_heldout(self.ctx, prompts, self._ema_weights(), return_images, by_tag=by_tag)
-
-    def _ema_weights(self):
-        """A context in which the policy holds the EMA weights (a no-op without EMA)."""
-        if self.ema is None:
-            return contextlib.nullcontext()
-        return self.ema.swapped_in(self.policy, self.parallel.reshard)
+        also per tag); see dancegrpo.eval.heldout.EvalModel."""
+        return self.evaluator.evaluate(prompts, return_images, by_tag)
 
     # ------------------------------------------------------------------ checkpoints
     def _checkpoints(self) -> CheckpointManager:
@@ -284,7 +278,7 @@ class Trainer:
         unsharded copy of the model read from model.path, which writes the files.
         """
         cfg = self.cfg.model
-        self._checkpoints().export_final(self.adapter, model=self.policy, weights=self._ema_weights,
+        self._checkpoints().export_final(self.adapter, model=self.policy, weights=self.evaluator.weights,
                                          fresh_adapter=lambda: load_model(cfg.name, cfg.path, cfg.options))
 
     def _ema_state(self) -> dict | None:

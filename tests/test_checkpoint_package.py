@@ -7,7 +7,6 @@ dancegrpo/checkpoint/layout.py (which is the layout main wrote before the packag
 """
 from __future__ import annotations
 
-import ast
 import contextlib
 import hashlib
 import json
@@ -22,6 +21,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from dancegrpo.checkpoint import CheckpointError, CheckpointManager, list_checkpoints, save_checkpoint
+from import_graph import first_cycle, imports, module_name, targets
+from import_graph import graph as import_graph
 
 REPO = Path(__file__).resolve().parents[1]
 PACKAGE = REPO / "dancegrpo" / "checkpoint"
@@ -197,62 +198,17 @@ def test_export_final_saves_inside_the_weights_context_on_the_main_process_only(
 # --------------------------------------------------------------------------- import structure
 
 
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(REPO).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def _imports(path: Path) -> list[tuple[str, list[str]]]:
-    """(absolute module, imported names) of every import in the file, at any depth."""
-    package = _module_name(path) if path.name == "__init__.py" else _module_name(path).rpartition(".")[0]
-    found = []
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom):
-            if node.level:
-                base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
-                module = f"{base}.{node.module}" if node.module else base
-            else:
-                module = node.module or ""
-            found.append((module, [a.name for a in node.names]))
-        elif isinstance(node, ast.Import):
-            found.extend((a.name, []) for a in node.names)
-    return found
-
-
-def _targets(module: str, names: list[str], known: set[str]) -> set[str]:
-    """The known modules an import reaches: the module itself and any submodule it names."""
-    hits = {f"{module}.{n}" for n in names if f"{module}.{n}" in known}
-    if module in known:
-        hits.add(module)
-    return hits
-
-
 def test_checkpoint_and_distributed_modules_import_each_other_without_a_cycle():
     files = sorted(PACKAGE.glob("*.py")) + sorted((REPO / "dancegrpo" / "distributed").glob("*.py"))
-    known = {_module_name(f) for f in files}
-    graph = {_module_name(f): set().union(*[_targets(m, n, known) for m, n in _imports(f)]) - {_module_name(f)}
-             for f in files}
-    # A depth-first search that reports the first cycle it finds.
-    state: dict[str, int] = {}
-
-    def visit(node: str, trail: list[str]) -> None:
-        state[node] = 1
-        for nxt in sorted(graph[node]):
-            if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(trail[trail.index(nxt):] + [node, nxt])
-                                     if nxt in trail else f"import cycle through {node} -> {nxt}")
-            if nxt not in state:
-                visit(nxt, trail + [node])
-        state[node] = 2
-
-    for node in sorted(graph):
-        if node not in state:
-            visit(node, [])
+    known = {module_name(f) for f in files}
+    graph = import_graph(files)
+    cycle = first_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
     # Within the package, each module imports only those before it in ORDER.
     for f in PACKAGE.glob("*.py"):
         me = ORDER.index(f.stem)
-        for module, names in _imports(f):
-            for target in _targets(module, names, known):
+        for module, names in imports(f):
+            for target in targets(module, names, known):
                 if target.startswith("dancegrpo.checkpoint."):
                     assert ORDER.index(target.rpartition(".")[2]) < me, f"{f.name} imports {target}"
 
@@ -260,7 +216,7 @@ def test_checkpoint_and_distributed_modules_import_each_other_without_a_cycle():
 def test_no_private_name_crosses_a_module_boundary_and_the_old_modules_are_gone():
     own = ("dancegrpo/checkpoint/", )
     for f in sorted((REPO / "dancegrpo").rglob("*.py")) + sorted((REPO / "bench").rglob("*.py")):
-        for module, names in _imports(f):
+        for module, names in imports(f):
             if not module.startswith("dancegrpo"):
                 continue
             private = [n for n in names if n.startswith("_")]

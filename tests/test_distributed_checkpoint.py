@@ -76,7 +76,8 @@ def test_killed_rank_restarts_from_last_checkpoint_and_finishes(tiny_config, tmp
         torch.testing.assert_close(value, trainer.ema[name], rtol=0, atol=0)
     # `dancegrpo eval` reads the same sharded checkpoint in one process: weights and EMA as resumed.
     from dancegrpo.eval.evaluate import load_checkpoint_weights
-    evaluator = Trainer(single)
+    from dancegrpo.eval.heldout import EvalModel
+    evaluator = EvalModel.build(single)
     assert load_checkpoint_weights(evaluator, run_dir) == 3
     for (name, value), (_, resumed) in zip(evaluator.policy.state_dict().items(), trainer.policy.state_dict().items()):
         torch.testing.assert_close(value, resumed, rtol=0, atol=0, msg=name)

@@ -15,6 +15,7 @@ import yaml
 
 from dancegrpo.cli import main
 from dancegrpo.eval.evaluate import compare, load_checkpoint_weights, run_eval, write_outputs
+from dancegrpo.eval.heldout import EvalModel
 from dancegrpo.trainer import Trainer
 
 from conftest import BASE_CONFIG
@@ -78,19 +79,19 @@ def test_base_row_equals_trainer_evaluate_on_the_base(trained, tmp_path):
 
 def test_noise_is_paired_across_checkpoints_and_seeds_are_distinct(trained):
     run = trained["run"]
-    trainer = Trainer(trained["cfg"])
-    prompts = trainer.eval_prompts
+    model = EvalModel.build(trained["cfg"])
+    prompts = model.eval_prompts
     step1 = run / "checkpoints" / "step_00000001"
-    rows, images = compare(trainer, [run, step1, run], prompts, include_base=False, seeds=2)
+    rows, images = compare(model, [run, step1, run], prompts, include_base=False, seeds=2)
     assert [r.label for r in rows] == ["run/step_00000002", "run/step_00000001", "run/step_00000002 (2)"]
     # Same checkpoint, evaluated before and after another one was loaded: identical noise and samples.
     assert rows[0].per_seed == rows[2].per_seed
     assert torch.equal(images["run/step_00000002"], images["run/step_00000002 (2)"])
     # Seed 0 is the trainer's own evaluation noise; seed 1 is a run with seed + 1.
-    fresh = Trainer(trained["cfg"])
+    fresh = EvalModel.build(trained["cfg"])
     load_checkpoint_weights(fresh, run)
     assert _overall(rows[0].per_seed[0]) == _eval_metrics(fresh.evaluate())
-    other_seed = Trainer({**trained["cfg"], "run": {**trained["cfg"]["run"], "seed": 1}})
+    other_seed = EvalModel.build({**trained["cfg"], "run": {**trained["cfg"]["run"], "seed": 1}})
     load_checkpoint_weights(other_seed, run)
     seed1 = other_seed.evaluate(return_images=True)
     assert _overall(rows[0].per_seed[1]) == _eval_metrics({k: v for k, v in seed1.items() if k != "images"})
@@ -184,8 +185,8 @@ def test_per_tag_breakdown_of_a_reward_that_is_not_the_toy_one(tiny_config, tmp_
     length) is averaged overall and per tag, checked against float64 sums over the images."""
     tiny_config["rewards"] = [{"name": "rewards_for_tests:tagged_brightness"}]
     prompts = ["a red circle", "a blue square on the left", "two green triangles", "a red circle above a blue square"]
-    trainer = Trainer(tiny_config)
-    rows, images = compare(trainer, [], prompts, include_base=True, seeds=2)
+    model = EvalModel.build(tiny_config)
+    rows, images = compare(model, [], prompts, include_base=True, seeds=2)
     (row,) = rows
     assert set(row.metrics) == {"rewards_for_tests:tagged_brightness", *(
         f"rewards_for_tests:tagged_brightness_{key}{tag}" for key in ("bright", "contrast")

@@ -197,7 +197,8 @@ def test_cuda_graph_is_refused_without_a_gpu(tiny_config):
     with pytest.raises(ValueError, match="needs a CUDA device"):
         Trainer(tiny_config)
     with pytest.raises(ValueError, match="needs a CUDA device"):
-        cuda_graph.graphed_rollout(None, FlowSampler(4, 3.0, 0.3), {}, torch.zeros(2, 3), 2, None, "mean")
+        cuda_graph.graphed_rollout(None, FlowSampler(4, 3.0, 0.3), {}, torch.zeros(2, 3), [torch.arange(2)], None,
+                                   "mean")
 
 
 def test_the_graph_body_equals_the_eager_rollout_without_host_syncs(tiny_config):

@@ -1,10 +1,10 @@
 """`dancegrpo eval`: base and fine-tuned checkpoints side by side on held-out prompts.
 
-Every row comes from `Trainer.evaluate()` (the deterministic ODE sampler, EMA weights when
-the config keeps an EMA) on one model, loaded in turn with each checkpoint's weights. The
-initial noise of a (prompt, seed) pair depends only on the run seed, the prompt and the
-seed index, never on the checkpoint, so every row is scored on the same noise: a paired
-comparison.
+Every row comes from `EvalModel.evaluate()` (the deterministic ODE sampler, EMA weights when
+the config keeps an EMA; the trainer evaluates through the same class) on one model, loaded in
+turn with each checkpoint's weights. The initial noise of a (prompt, seed) pair depends only on
+the run seed, the prompt and the seed index, never on the checkpoint, so every row is scored on
+the same noise: a paired comparison.
 
 Outputs in the chosen folder: `eval.csv` (one row per model), `eval.json` (also the
 per-seed values and the prompts), `eval.png` (a bar chart per metric) and, with the base
@@ -13,19 +13,19 @@ checkpoint, seed 0).
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 
-from ..checkpoint import EMA_FILE, STATE_FILE, CheckpointManager, latest_checkpoint, looks_like_checkpoint
+from ..checkpoint import STATE_FILE, latest_checkpoint, looks_like_checkpoint
 from ..data import load_prompts
+from .heldout import EvalModel
 from .report import save_before_after_grid
 
 log = logging.getLogger(__name__)
@@ -75,30 +75,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
     return given
 
 
-def load_checkpoint_weights(trainer, path: str | Path) -> int:
-    """Load a checkpoint's policy weights into `trainer` (and its EMA weights when the trainer
-    keeps an EMA, which evaluation then uses). Returns the checkpoint's training iteration.
-
-    Optimizer, scheduler and RNG state are left alone: this is for sampling and
-    evaluation, not for resuming (see `Trainer.resume`).
-    """
-    ckpt = resolve_checkpoint(path)
-    checkpoints = CheckpointManager(None)  # one process; the folder's content picks the format
-    has_ema = checkpoints.has_ema(ckpt)
-    use_ema = trainer.ema is not None and has_ema
-    state = checkpoints.load(ckpt, model=trainer.policy, ema=trainer.ema.shadow if use_ema else None,
-                             restore_global_rng=False)
-    if trainer.ema is not None and not use_ema:
-        # Otherwise evaluation would swap in the EMA of the base weights the trainer started with.
-        log.warning("%s has no EMA weights (%s) although trainer.ema_decay is set: evaluating its raw weights",
-                    ckpt, EMA_FILE)
-        with torch.no_grad():
-            for name, param in trainer.policy.named_parameters():
-                trainer.ema[name].copy_(param.detach().float())
-    elif trainer.ema is None and has_ema:
-        log.info("%s also holds EMA weights; the config sets no trainer.ema_decay, so its raw weights are used",
-                 ckpt)
-    return int(state["extra"].get("iteration", state["step"]))
+def load_checkpoint_weights(model: EvalModel, path: str | Path) -> int:
+    """Load a run's newest valid checkpoint (or one checkpoint folder) into `model` for evaluation
+    (see `EvalModel.load_checkpoint`); returns the checkpoint's training iteration."""
+    return model.load_checkpoint(resolve_checkpoint(path))
 
 
 def checkpoint_label(ckpt: Path) -> str:
@@ -108,28 +88,15 @@ def checkpoint_label(ckpt: Path) -> str:
 
 # --------------------------------------------------------------------------- evaluation
 
-@contextlib.contextmanager
-def _evaluation_seed(trainer, seed_index: int) -> Iterator[None]:
-    """Seed index s draws the evaluation noise a run with `run.seed + s` would draw (s = 0: the
-    noise of the run's own held-out evaluations)."""
-    base = trainer.cfg.run.seed
-    trainer.cfg.run.seed = base + seed_index
-    try:
-        yield
-    finally:
-        trainer.cfg.run.seed = base
-
-
-def evaluate_model(trainer, prompts: list[str], seeds: int) -> tuple[dict[str, float], list[dict[str, float]],
-                                                                        torch.Tensor]:
-    """Trainer.evaluate() for each seed index; returns (mean over seeds, per seed, seed-0 images).
+def evaluate_model(model: EvalModel, prompts: list[str], seeds: int) -> tuple[dict[str, float],
+                                                                             list[dict[str, float]], torch.Tensor]:
+    """`model.evaluate()` for each seed index; returns (mean over seeds, per seed, seed-0 images).
 
     The rewards' metadata is also reported per tag (e.g. `toy_geneval_accuracy/<kind>`): an
     overall accuracy alone hides which kinds of prompt moved."""
     per_seed, images = [], None
     for s in range(seeds):
-        with _evaluation_seed(trainer, s):
-            result = trainer.evaluate(prompts=prompts, return_images=s == 0, by_tag=True)
+        result = model.evaluate(prompts=prompts, return_images=s == 0, by_tag=True, seed_index=s)
         if s == 0:
             images = result.pop("images")
         per_seed.append({key.removeprefix("eval/"): value for key, value in result.items()})
@@ -143,11 +110,11 @@ def _mean(values: list[float]) -> float:
     return sum(finite) / len(finite) if finite else math.nan
 
 
-def compare(trainer, checkpoints: Sequence[str | Path], prompts: list[str], include_base: bool = True,
+def compare(model: EvalModel, checkpoints: Sequence[str | Path], prompts: list[str], include_base: bool = True,
             seeds: int = 1) -> tuple[list[EvalRow], dict[str, torch.Tensor]]:
     """Evaluate the base (unless `include_base` is False) and each checkpoint on the same noise.
 
-    The base must be the trainer's weights as built (it is evaluated before any checkpoint is
+    The base must be the model's weights as built (it is evaluated before any checkpoint is
     loaded). Returns the rows and each row's seed-0 images by label.
     """
     if seeds < 1:
@@ -160,11 +127,11 @@ def compare(trainer, checkpoints: Sequence[str | Path], prompts: list[str], incl
     labels = _unique([checkpoint_label(c) for c in resolved])
     rows, images = [], {}
     if include_base:
-        mean, per_seed, images["base"] = evaluate_model(trainer, prompts, seeds)
+        mean, per_seed, images["base"] = evaluate_model(model, prompts, seeds)
         rows.append(EvalRow("base", None, mean, per_seed))
     for label, ckpt in zip(labels, resolved):
-        step = load_checkpoint_weights(trainer, ckpt)
-        mean, per_seed, images[label] = evaluate_model(trainer, prompts, seeds)
+        step = model.load_checkpoint(ckpt)
+        mean, per_seed, images[label] = evaluate_model(model, prompts, seeds)
         rows.append(EvalRow(label, step, mean, per_seed))
     return rows, images
 
@@ -277,10 +244,9 @@ def run_eval(config, checkpoints: Sequence[str | Path] = (), prompts: str | None
 
     `prompts`: a prompt file or builtin set (toy:eval); default: the config's held-out prompts.
     """
-    from ..trainer import Trainer
     resolved = [resolve_checkpoint(c) for c in checkpoints]  # a typo fails before the model is built
-    trainer = Trainer(config, overrides=list(overrides))
-    prompt_list = load_prompts(prompts) if prompts else trainer.eval_prompts
-    rows, images = compare(trainer, resolved, prompt_list, include_base, seeds)
+    model = EvalModel.build(config, overrides=list(overrides))
+    prompt_list = load_prompts(prompts) if prompts else model.eval_prompts
+    rows, images = compare(model, resolved, prompt_list, include_base, seeds)
     files = write_outputs(rows, images, prompt_list, seeds, out_dir)
     return EvalReport(rows, prompt_list, seeds, format_table(rows, len(prompt_list), seeds), files)

@@ -4,14 +4,20 @@ run's rewards. Used by the trainer (base, periodic and final evaluation) and `da
 from __future__ import annotations
 
 import contextlib
-from typing import ContextManager
+import logging
+from pathlib import Path
+from typing import Callable, ContextManager
 
 import torch
+from torch import nn
 
+from ..ema import EMA
 from ..rewards import metadata_metrics
 from ..rollout import ode_sample
 from ..run_context import RunContext, global_seed
 from ..seeding import seed_global_rngs, seeded_generator
+
+log = logging.getLogger(__name__)
 
 
 def eval_noise_keys(prompts: list[str]) -> list[tuple]:
@@ -62,3 +68,63 @@ def evaluate_heldout(ctx: RunContext, prompts: list[str], weights: ContextManage
         result["images"] = images.cpu()
     return result
 
+
+
+class EvalModel:
+    """The policy of a run as evaluation sees it: the RunContext's model, and the EMA whose
+    weights are swapped in for every evaluation when the config keeps one (trainer.ema_decay).
+
+    The trainer evaluates through one; `dancegrpo eval` and `dancegrpo sample` build their own
+    from the config (`EvalModel.build`) and load checkpoints into it.
+    """
+
+    def __init__(self, ctx: RunContext, ema: EMA | None = None, reshard: Callable[[], None] = lambda: None):
+        self.ctx, self.ema, self._reshard = ctx, ema, reshard
+
+    @classmethod
+    def build(cls, config, overrides=()) -> "EvalModel":
+        """From a config (path, dict or Config): the run's model, prompts, rewards and samplers, and
+        an EMA of the initial weights when trainer.ema_decay is set (a checkpoint's replaces it)."""
+        ctx = RunContext.build(config, overrides=overrides)
+        decay = ctx.cfg.trainer.ema_decay
+        return cls(ctx, EMA(ctx.adapter.trainable, decay) if decay else None)
+
+    @property
+    def policy(self) -> nn.Module:
+        return self.ctx.adapter.trainable
+
+    @property
+    def eval_prompts(self) -> list[str]:
+        return self.ctx.eval_prompts
+
+    def weights(self) -> ContextManager:
+        """The context in which the policy holds the weights evaluation scores (EMA when kept)."""
+        return self.ema.swapped_in(self.policy, self._reshard) if self.ema is not None else contextlib.nullcontext()
+
+    def evaluate(self, prompts: list[str] | None = None, return_images: bool = False, by_tag: bool = False,
+                 seed_index: int = 0) -> dict:
+        """`evaluate_heldout` on `prompts` (default: the held-out set) with this model's weights.
+        Seed index s draws the noise a run with `run.seed + s` would draw (0: the run's own)."""
+        prompts = self.eval_prompts if prompts is None else prompts
+        return evaluate_heldout(self.ctx, prompts, self.weights(), return_images, seed=self.ctx.cfg.run.seed + seed_index,
+                                by_tag=by_tag)
+
+    def load_checkpoint(self, path: str | Path) -> int:
+        """Load a checkpoint folder's policy weights (and its EMA weights when this model keeps an
+        EMA) for sampling and evaluation; optimizer, scheduler and RNG state are left alone (resuming
+        is `Trainer.resume`). Returns the checkpoint's training iteration. Raises CheckpointError."""
+        from ..checkpoint import EMA_FILE, CheckpointManager
+        checkpoints = CheckpointManager(None)  # one process; the folder's content picks the format
+        has_ema = checkpoints.has_ema(path)
+        use_ema = self.ema is not None and has_ema
+        state = checkpoints.load(path, model=self.policy, ema=self.ema.shadow if use_ema else None,
+                                 restore_global_rng=False)
+        if self.ema is not None and not use_ema:
+            # Otherwise evaluation would swap in the EMA of the base weights the model started with.
+            log.warning("%s has no EMA weights (%s) although trainer.ema_decay is set: evaluating its raw weights",
+                        path, EMA_FILE)
+            self.ema.reset_to(self.policy)
+        elif self.ema is None and has_ema:
+            log.info("%s also holds EMA weights; the config sets no trainer.ema_decay, so its raw weights are used",
+                     path)
+        return int(state["extra"].get("iteration", state["step"]))

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from ..grpo import binary_reward
-from . import RewardOutput, unpack_reward_output
+from .protocol import RewardOutput, unpack_reward_output
 
 #: Thresholds the DanceGRPO paper uses for its binary-reward experiments.
 PAPER_THRESHOLDS = {"hps": 0.28, "clip_score": 0.39}

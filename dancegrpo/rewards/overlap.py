@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from . import RewardEntry, RewardFn, RewardScores, RewardSet, as_reward_output, concat_outputs
+from .protocol import RewardEntry, RewardFn, RewardScores, RewardSet, as_reward_output, concat_outputs
 from .async_scorer import AsyncScorer
 
 

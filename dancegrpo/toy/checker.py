@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..rewards import RewardOutput
+from ..rewards.protocol import RewardOutput
 from .detect import Detection, detect_objects
 from .grammar import SHAPES, SceneSpec, parse_prompt
 

@@ -9,14 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
 
 from .base import Conditioning
 from .checkpoint_layout import Component
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
-from .toy_flux import latent_image_ids, pack_latents, unpack_latents
+from .flux_packing import latent_image_ids, pack_latents, unpack_latents
+from .spec import ModelSpec, option_defaults
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
 
 @dataclass
@@ -59,10 +63,12 @@ class FluxGenerator(DiffusersGenerator):
 
     @classmethod
     def load_denoiser(cls, root: Path) -> FluxTransformer2DModel:
+        from diffusers import FluxTransformer2DModel
         return FluxTransformer2DModel.from_pretrained(str(root), subfolder="transformer", torch_dtype=torch.float32)
 
     @classmethod
     def load_vae(cls, root: Path, dtype: torch.dtype) -> AutoencoderKL:
+        from diffusers import AutoencoderKL
         return AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
 
     def latent_shape(self) -> tuple[int, int, int]:
@@ -124,3 +130,11 @@ class FluxPromptEncoder:
                                   truncation=True, return_tensors="pt").input_ids
         sequence = self.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
         return {"prompt_embeds": sequence.to(self.dtype), "pooled_embeds": pooled.to(self.dtype)}
+
+
+SPEC = ModelSpec(
+    name="flux",
+    load=FluxGenerator.from_pretrained,
+    prompt_encoder=FluxPromptEncoder,
+    default_options=option_defaults(FluxOptions),
+)

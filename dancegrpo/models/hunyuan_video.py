@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 
 from .base import Conditioning
 from .checkpoint_layout import Component
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
+from .spec import ModelSpec, option_defaults
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 
 
 @dataclass
@@ -81,11 +85,13 @@ class HunyuanVideoGenerator(DiffusersGenerator):
 
     @classmethod
     def load_denoiser(cls, root: Path) -> HunyuanVideoTransformer3DModel:
+        from diffusers import HunyuanVideoTransformer3DModel
         return HunyuanVideoTransformer3DModel.from_pretrained(str(root), subfolder="transformer",
                                                               torch_dtype=torch.float32)
 
     @classmethod
     def load_vae(cls, root: Path, dtype: torch.dtype) -> AutoencoderKLHunyuanVideo:
+        from diffusers import AutoencoderKLHunyuanVideo
         return AutoencoderKLHunyuanVideo.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
 
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -163,3 +169,14 @@ class HunyuanPromptEncoder:
         pooled = self.text_encoder_2(clip_ids.to(self.device), output_hidden_states=False).pooler_output
         return {"prompt_embeds": sequence.to(self.dtype), "prompt_attention_mask": mask.to(torch.int64),
                 "pooled_embeds": pooled.to(self.dtype)}
+
+
+SPEC = ModelSpec(
+    name="hunyuan_video",
+    load=HunyuanVideoGenerator.from_pretrained,
+    prompt_encoder=HunyuanPromptEncoder,
+    default_options=option_defaults(HunyuanVideoOptions),
+    sequence_parallel=True,
+    attention_masked=HunyuanVideoGenerator.attention_masked,
+    sliding_tile_attention=True,
+)

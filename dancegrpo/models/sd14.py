@@ -9,13 +9,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .base import Conditioning
 from .checkpoint_layout import Component, read_json
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
+from .spec import ModelSpec, option_defaults
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
 
 @dataclass
@@ -57,10 +61,12 @@ class SD14Generator(DiffusersGenerator):
 
     @classmethod
     def load_denoiser(cls, root: Path) -> UNet2DConditionModel:
+        from diffusers import UNet2DConditionModel
         return UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", torch_dtype=torch.float32)
 
     @classmethod
     def load_vae(cls, root: Path, dtype: torch.dtype) -> AutoencoderKL:
+        from diffusers import AutoencoderKL
         return AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
 
     def negative_keys(self) -> tuple[str, ...]:
@@ -132,3 +138,12 @@ class SD14PromptEncoder:
             mask = tokens.attention_mask.to(self.device)
         hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
         return {"prompt_embeds": hidden.to(self.dtype)}
+
+
+SPEC = ModelSpec(
+    name="sd14",
+    load=SD14Generator.from_pretrained,
+    prompt_encoder=SD14PromptEncoder,
+    cfg=SD14Generator.needs_empty_prompt,
+    default_options=option_defaults(SD14Options),
+)

@@ -19,6 +19,7 @@ from .base import Conditioning
 from .checkpoint_layout import Component
 from .hunyuan_video import HunyuanPromptEncoder, HunyuanVideoGenerator, HunyuanVideoOptions
 from .prompt_cache import PromptCache
+from .spec import ModelSpec, option_defaults
 
 TEXT_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_embeds")
 
@@ -134,3 +135,15 @@ class SkyReelsPromptEncoder(HunyuanPromptEncoder):
             latents.append((posterior.mode() * self.vae.config.scaling_factor)[0].float().cpu())
         out["image_latents"] = torch.stack(latents).to(self.dtype)
         return out
+
+
+SPEC = ModelSpec(
+    name="skyreels_i2v",
+    load=SkyReelsI2VGenerator.from_pretrained,
+    prompt_encoder=SkyReelsPromptEncoder,
+    cfg=SkyReelsI2VGenerator.needs_empty_prompt,
+    default_options=option_defaults(SkyReelsOptions),
+    sequence_parallel=True,
+    attention_masked=SkyReelsI2VGenerator.attention_masked,
+    sliding_tile_attention=True,
+)

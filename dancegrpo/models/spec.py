@@ -93,7 +93,7 @@ class ModelSpec:
     tiny_batch: int = 1
 
     def missing(self, *fields: str) -> list[str]:
-        """The names among `fields` this spec leaves unset (None, "" or 0)."""
+        """The names among `fields` this spec leaves unset (None, "", 0 or False)."""
         return [name for name in fields if getattr(self, name) in (None, "", 0)]
 
     def require(self, consumer: str, *fields: str) -> "ModelSpec":

@@ -18,6 +18,7 @@ from .base import Conditioning
 from .checkpoint_layout import Component
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
 from .flux_packing import latent_image_ids, pack_latents, unpack_latents
+from .options import at_least
 from .spec import ModelSpec, option_defaults
 
 if TYPE_CHECKING:
@@ -30,11 +31,7 @@ class FluxOptions(GeneratorOptions):
     width: int = 720
     guidance_scale: float = 3.5        # embedded guidance of FLUX.1-dev (the authors' scripts)
 
-    def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.guidance_scale < 0:
-            problems.append(f"guidance_scale = {self.guidance_scale} must be >= 0")
-        return problems
+    checks = {"guidance_scale": at_least(0)}
 
 
 class FluxGenerator(DiffusersGenerator):

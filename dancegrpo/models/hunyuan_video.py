@@ -21,6 +21,7 @@ from . import transformer_costs as costs
 from .base import Conditioning
 from .checkpoint_layout import Component
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
+from .options import at_least
 from .spec import ModelSpec, option_defaults
 
 if TYPE_CHECKING:
@@ -36,19 +37,16 @@ class HunyuanVideoOptions(GeneratorOptions):
     vae_tiling: bool = True            # diffusers' tiled (and frame-wise) VAE decode: bounded memory for video
     sta: dict | None = None            # sliding-tile attention (docs/sta.md); null = off
 
-    def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.frames < 1:
-            problems.append(f"frames = {self.frames} must be >= 1")
-        if self.guidance_scale < 0:
-            problems.append(f"guidance_scale = {self.guidance_scale} must be >= 0")
-        if self.sta is not None:
-            from ..attention.hunyuan_processor import STAOptions
-            try:
-                problems += STAOptions.from_dict(self.sta).validate()
-            except (TypeError, ValueError) as exc:
-                problems.append(str(exc))
-        return problems
+    checks = {"frames": at_least(1), "guidance_scale": at_least(0)}
+
+    def problems(self) -> list[str]:
+        if self.sta is None:
+            return []
+        from ..attention.hunyuan_processor import STAOptions
+        try:
+            return STAOptions.from_dict(self.sta).validate()
+        except (TypeError, ValueError) as exc:
+            return [str(exc)]
 
 
 class HunyuanVideoGenerator(DiffusersGenerator):

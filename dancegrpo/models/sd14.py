@@ -16,6 +16,7 @@ import torch
 from .base import Conditioning
 from .checkpoint_layout import Component, read_json
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
+from .options import at_least
 from .spec import ModelSpec, option_defaults
 
 if TYPE_CHECKING:
@@ -28,11 +29,7 @@ class SD14Options(GeneratorOptions):
     width: int = 512
     cfg_scale: float = 5.0             # the authors' SD config (sample.guidance_scale = 5.0)
 
-    def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.cfg_scale < 1:
-            problems.append(f"cfg_scale = {self.cfg_scale} must be >= 1 (1 = no guidance)")
-        return problems
+    checks = {"cfg_scale": at_least(1, "1 = no guidance")}
 
 
 class SD14Generator(DiffusersGenerator):

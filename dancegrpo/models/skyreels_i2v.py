@@ -19,6 +19,7 @@ from . import hunyuan_video
 from .base import Conditioning
 from .checkpoint_layout import Component
 from .hunyuan_video import HunyuanPromptEncoder, HunyuanVideoGenerator, HunyuanVideoOptions
+from .options import at_least
 from .prompt_cache import PromptCache
 from .spec import ModelSpec, option_defaults
 
@@ -33,11 +34,7 @@ class SkyReelsOptions(HunyuanVideoOptions):
     cfg_scale: float = 5.0             # the authors' script (--cfg_infer 5.0)
     guidance_scale: float = 1.0        # embedded guidance: the authors pass 1000.0 = 1.0 x 1000
 
-    def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.cfg_scale < 1:
-            problems.append(f"cfg_scale = {self.cfg_scale} must be >= 1 (1 = no guidance)")
-        return problems
+    checks = {"cfg_scale": at_least(1, "1 = no guidance")}
 
 
 class SkyReelsI2VGenerator(HunyuanVideoGenerator):

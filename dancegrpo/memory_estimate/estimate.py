@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from ..models import get_model_spec, model_names
-from .instruments import StepMemory, count_diffusers_parameters, count_parameters, diffusers_class, measure_training_step
+from .instruments import (StepMemory, count_diffusers_parameters, count_parameters, diffusers_class,
+                          measure_training_step)
 
 GiB = 1024 ** 3
 

@@ -130,7 +130,6 @@ class FluxPromptEncoder:
         return {"prompt_embeds": sequence.to(self.dtype), "pooled_embeds": pooled.to(self.dtype)}
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The spec: published configs, shapes and costs (memory estimate, benchmarks)
 

@@ -170,7 +170,6 @@ class HunyuanPromptEncoder:
                 "pooled_embeds": pooled.to(self.dtype)}
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The spec: published configs, shapes and costs (memory estimate, benchmarks)
 
@@ -241,8 +240,9 @@ def forward_flops(config: dict, image_tokens: int, text_tokens: int) -> int:
     refiner_block = (costs.lin(nt, d, 3 * d) + 4 * nt * nt * d + costs.lin(nt, d, d) + costs.lin(nt, d, refiner_hidden)
                      + costs.lin(nt, refiner_hidden, d) + costs.lin(1, d, 2 * d))
     return (costs.embedder_flops(256, d) + guidance + costs.embedder_flops(config["pooled_projection_dim"], d)
-            + costs.lin(ni, config["in_channels"] * pt * p * p, d)                                # patch embedding (a conv)
-            + costs.embedder_flops(256, d) + costs.embedder_flops(text_dim, d) + costs.lin(nt, text_dim, d)  # refiner inputs
+            + costs.lin(ni, config["in_channels"] * pt * p * p, d)                   # patch embedding (a conv)
+            # the token refiner's inputs: its timestep and pooled-text embedders, the text projection
+            + costs.embedder_flops(256, d) + costs.embedder_flops(text_dim, d) + costs.lin(nt, text_dim, d)
             + config.get("num_refiner_layers", 2) * refiner_block
             + config["num_layers"] * costs.double_block_flops(n, d, hidden)
             + config["num_single_layers"] * costs.single_block_flops(n, d, hidden)
@@ -268,8 +268,9 @@ def parameter_count(config: dict) -> int:
     p, pt = config.get("patch_size", 2), config.get("patch_size_t", 1)
     text = config["text_embed_dim"]
     return (sum(block_parameter_counts(config)) + conditioning
-            + costs.linear_params(config["in_channels"] * pt * p * p, d)                           # the patch-embedding conv
-            + costs.embedder_params(256, d) + costs.embedder_params(text, d) + costs.linear_params(text, d)  # refiner inputs
+            + costs.linear_params(config["in_channels"] * pt * p * p, d)             # the patch-embedding conv
+            # the token refiner's inputs: its timestep and pooled-text embedders, the text projection
+            + costs.embedder_params(256, d) + costs.embedder_params(text, d) + costs.linear_params(text, d)
             + head + costs.linear_params(d, pt * p * p * config["out_channels"]))
 
 

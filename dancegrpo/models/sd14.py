@@ -137,7 +137,6 @@ class SD14PromptEncoder:
         return {"prompt_embeds": hidden.to(self.dtype)}
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The spec: published configs and shapes (memory estimate)
 

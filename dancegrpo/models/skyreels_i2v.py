@@ -22,6 +22,7 @@ from .hunyuan_video import HunyuanPromptEncoder, HunyuanVideoGenerator, HunyuanV
 from .options import at_least
 from .prompt_cache import PromptCache
 from .spec import ModelSpec, option_defaults
+from .transformer_costs import joint_attention_layers
 
 TEXT_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_embeds")
 
@@ -135,7 +136,6 @@ class SkyReelsPromptEncoder(HunyuanPromptEncoder):
         return out
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The spec: HunyuanVideo's, with 32 input channels, CFG and the image latent in the cache
 
@@ -172,5 +172,5 @@ SPEC = ModelSpec(
     forward_flops=hunyuan_video.forward_flops,
     parameter_count=hunyuan_video.parameter_count,
     block_parameter_counts=hunyuan_video.block_parameter_counts,
-    attention_layers=hunyuan_video.SPEC.attention_layers,
+    attention_layers=joint_attention_layers,
 )

@@ -275,9 +275,10 @@ def _load(path: str, options: dict) -> ToyFluxGenerator:
     return ToyFluxGenerator.from_pretrained(path, **options)
 
 
+_LOADER_OPTIONS = inspect.signature(ToyFluxGenerator.from_pretrained).parameters
+
 SPEC = ModelSpec(
     name="toy_flux",
     load=_load,
-    default_options={name: p.default for name, p in inspect.signature(ToyFluxGenerator.from_pretrained).parameters.items()
-                     if name != "directory"},
+    default_options={name: p.default for name, p in _LOADER_OPTIONS.items() if name != "directory"},
 )

@@ -32,73 +32,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import REPO  # noqa: E402
-from bench.throughput import MODELS, forward_flops, recipe_workload  # noqa: E402
+from bench.throughput import forward_flops, recipe_workload  # noqa: E402
+from dancegrpo.models import get_model_spec  # noqa: E402
 
 BF16 = 2
 
 
 # ---------------------------------------------------------------------------------------------
-# Parameter counts (analytic; tests compare them with the diffusers classes built from configs)
-
-def _linear(fan_in: int, fan_out: int, bias: bool = True) -> int:
-    return fan_in * fan_out + (fan_out if bias else 0)
-
-
-def _mlp(d: int, hidden: int) -> int:
-    return _linear(d, hidden) + _linear(hidden, d)
-
-
-def _embedder(fan_in: int, d: int) -> int:
-    return _linear(fan_in, d) + _linear(d, d)
-
-
-def _double_block_params(d: int, head_dim: int, hidden: int) -> int:
-    """Two streams, each: AdaLN-Zero modulation (6d), q, k, v, out, MLP; RMS norms on q and k per stream."""
-    return 2 * (_linear(d, 6 * d) + 4 * _linear(d, d) + _mlp(d, hidden) + 2 * head_dim)
-
-
-def _single_block_params(d: int, head_dim: int, hidden: int) -> int:
-    return _linear(d, 3 * d) + 3 * _linear(d, d) + 2 * head_dim + _linear(d, hidden) + _linear(d + hidden, d)
-
+# Parameter counts (analytic, from the model's spec; tests compare them with the diffusers classes)
 
 def block_parameter_counts(model_name: str, config: dict) -> list[int]:
     """Parameters of each FSDP unit in `dancegrpo.distributed.blocks.transformer_blocks` order."""
-    d = config["num_attention_heads"] * config["attention_head_dim"]
-    head_dim = config["attention_head_dim"]
-    hidden = int(d * config.get("mlp_ratio", 4.0))
-    double = [_double_block_params(d, head_dim, hidden)] * config["num_layers"]
-    single = [_single_block_params(d, head_dim, hidden)] * config["num_single_layers"]
-    if model_name == "flux":
-        return double + single
-    refiner = _linear(d, 3 * d) + _linear(d, d) + 2 * 2 * d + _mlp(d, 4 * d) + _linear(d, 2 * d)
-    return [refiner] * config.get("num_refiner_layers", 2) + double + single
+    return get_model_spec(model_name).require("bench.scaling_model", "block_parameter_counts").block_parameter_counts(
+        config)
 
 
 def parameter_count(model_name: str, config: dict) -> int:
     """All parameters of the denoiser (blocks, embeddings, output head)."""
-    d = config["num_attention_heads"] * config["attention_head_dim"]
-    conditioning = (_embedder(256, d) * (2 if config.get("guidance_embeds") else 1)
-                    + _embedder(config["pooled_projection_dim"], d))
-    head = _linear(d, 2 * d)   # AdaLayerNormContinuous's modulation before the output projection
-    if model_name == "flux":
-        p = config.get("patch_size", 1)
-        out = config.get("out_channels") or config["in_channels"]
-        rest = (conditioning + _linear(config["in_channels"], d) + _linear(config["joint_attention_dim"], d)
-                + head + _linear(d, p * p * out))
-    elif model_name in ("hunyuan_video", "skyreels_i2v"):
-        p, pt = config.get("patch_size", 2), config.get("patch_size_t", 1)
-        text = config["text_embed_dim"]
-        rest = (conditioning + _linear(config["in_channels"] * pt * p * p, d)      # the patch-embedding conv
-                + _embedder(256, d) + _embedder(text, d) + _linear(text, d)         # the token refiner's inputs
-                + head + _linear(d, pt * p * p * config["out_channels"]))
-    else:
-        raise ValueError(f"parameter_count: model {model_name!r} is not modelled (known: {sorted(MODELS)})")
-    return sum(block_parameter_counts(model_name, config)) + rest
+    return get_model_spec(model_name).require("bench.scaling_model", "parameter_count").parameter_count(config)
 
 
 def attention_layers(model_name: str, config: dict) -> int:
     """Attention layers over the joint (video + text) sequence: the ones Ulysses shards."""
-    return config["num_layers"] + config["num_single_layers"]
+    return get_model_spec(model_name).require("bench.scaling_model", "attention_layers").attention_layers(config)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +320,8 @@ def recipe_micro_steps(model_name: str) -> int:
     """Trained (sample, step) pairs of one GRPO iteration of the recipe (micro-batch 1 each):
     prompts x kept samples per prompt (best-of-N keeps the top k and bottom k) x ceil(tau x steps)."""
     import yaml
-    cfg = yaml.safe_load((REPO / MODELS[model_name][2]).read_text())
+    cfg = yaml.safe_load((REPO / get_model_spec(model_name).require("bench.scaling_model", "bench_recipe")
+                          .bench_recipe).read_text())
     g, steps = cfg["grpo"], cfg["sampler"]["num_steps"]
     kept = 2 * g["best_of_n_keep"] if g.get("best_of_n_keep") else g["group_size"]
     return g["prompts_per_iteration"] * kept * math.ceil(round(g["tau"] * steps, 9))

@@ -28,15 +28,16 @@ sampling step (full_attention_steps, table) are measured at `--sta-step` (defaul
 FLOPs, MFU and HFU stay those of the dense model (the work the step replaces), so an STA
 row's MFU is an effective figure: dense FLOPs per second of the sparse step.
 
-FLOPs (`forward_flops`, exact for the matrix products and attention; tests compare it with
-torch.utils.flop_counter on tiny configs). With d = heads x head_dim, N_i image/video tokens,
-N_t text tokens, N = N_i + N_t and lin(n, a, b) = 2 n a b for a linear layer on n rows:
-- double-stream block: lin(N, d, 3d) (q, k, v) + 4 N^2 d (QK^T and AV) + lin(N, d, d) (out)
-  + lin(N, d, r d) + lin(N, r d, d) (MLP, r = 4) + 2 lin(1, d, 6d) (modulation) = 24 N d^2 + 4 N^2 d + ...
-- single-stream block: lin(N, d, 3d) + 4 N^2 d + lin(N, d, r d) + lin(N, (1 + r) d, d) + lin(1, d, 3d);
-- HunyuanVideo's text token refiner blocks: the same as a double block on N_t text tokens only;
-- embeddings (patch / text projections, timestep, guidance, pooled text) and the output head.
-Non-matmul work (norms, RoPE, activations) is not counted. A training step is counted as
+Models: every registered model whose `ModelSpec` (dancegrpo.models.spec) gives a benchmark
+recipe, a tiny config, token counts and forward FLOPs (today flux and hunyuan_video); the
+denoiser class, the published config, its inputs and its costs all come from the spec.
+
+FLOPs (`forward_flops`: the spec's, exact for the matrix products and attention; tests compare
+it with torch.utils.flop_counter on tiny configs): the double- and single-stream blocks,
+HunyuanVideo's text token refiner blocks, the embeddings (patch / text projections, timestep,
+guidance, pooled text) and the output head, as dancegrpo/models/transformer_costs.py counts them
+with N = N_i + N_t tokens (N_i image/video, N_t text). Non-matmul work (norms, RoPE, activations)
+is not counted. A training step is counted as
 3 x forward (backward = 2 x forward) whatever the checkpointing: MFU counts the model's
 FLOPs, not the recomputation's (which "hfu" in the CSV adds: +1 forward for full).
 MFU = 3 x forward FLOPs x samples/s / (peak dense bf16 FLOP/s of the device): H100 SXM, H800
@@ -61,7 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.machine import REPO, RESULTS, append_csv_row, commit, device_name, load_average, today  # noqa: E402
 from dancegrpo.attention.backends import BACKENDS as ATTENTION_BACKENDS, install_attention_backend  # noqa: E402
 from dancegrpo.distributed.blocks import apply_activation_checkpointing, compile_blocks  # noqa: E402
-from dancegrpo.memory_estimate import FLUX_DEV_TRANSFORMER, HUNYUAN_VIDEO_TRANSFORMER, denoiser_inputs  # noqa: E402
+from dancegrpo.memory_estimate import denoiser_inputs  # noqa: E402
+from dancegrpo.models import get_model_spec, model_names  # noqa: E402
 
 CSV = RESULTS / "throughput.csv"
 FIELDS = ["model", "shape", "batch", "image_tokens", "text_tokens", "checkpointing", "compile", "dtype", "status",
@@ -71,86 +73,29 @@ FIELDS = ["model", "shape", "batch", "image_tokens", "text_tokens", "checkpointi
 # Dense bf16 tensor-core peak (no sparsity), by a substring of torch.cuda.get_device_name().
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H800": 989.0, "H200": 989.0, "H20": 148.0, "A100": 312.0, "A800": 312.0}
 
-# The models at full size (published configs) and at test size (the configs of tests/test_distributed_blocks.py).
-MODELS = {"flux": ("FluxTransformer2DModel", FLUX_DEV_TRANSFORMER, "configs/flux_hps.yaml"),
-          "hunyuan_video": ("HunyuanVideoTransformer3DModel", HUNYUAN_VIDEO_TRANSFORMER, "configs/hunyuan_t2v.yaml")}
-TINY = {"flux": (dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8,
-                      num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=32, guidance_embeds=True,
-                      axes_dims_rope=(2, 2, 4)),
-                 dict(height=64, width=64, max_sequence_length=8), 2),
-        "hunyuan_video": (dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
-                               num_layers=2, num_single_layers=2, num_refiner_layers=2, patch_size=2, patch_size_t=1,
-                               text_embed_dim=32, pooled_projection_dim=32, rope_axes_dim=(2, 2, 4),
-                               guidance_embeds=True),
-                          dict(height=64, width=64, frames=5, max_sequence_length=8), 2)}
-TEXT_TOKENS = {"flux": 512, "hunyuan_video": 256}   # the prompt caches' sequence lengths (T5 512, Llama 256)
+#: What the benchmark reads from a model's spec (dancegrpo.models.spec.ModelSpec).
+SPEC_FIELDS = ("denoiser_class", "denoiser_config", "denoiser_inputs", "token_counts", "forward_flops", "bench_recipe",
+               "tiny_config", "tiny_options")
 SETTINGS = ("none", "full", "selective", "full+compile", "selective+compile")
 
 
 # ---------------------------------------------------------------------------------------------
 # Shapes and FLOPs
 
+def bench_models() -> list[str]:
+    """Registered models this benchmark can run (their specs set every field of SPEC_FIELDS)."""
+    return model_names(*SPEC_FIELDS)
+
+
 def token_counts(model_name: str, config: dict, options: dict) -> tuple[int, int]:
     """(image or video tokens, text tokens) of one sample, as the adapters feed the transformer."""
-    h, w = options["height"] // 8, options["width"] // 8   # the VAEs' 8x spatial compression
-    text = options.get("max_sequence_length", TEXT_TOKENS[model_name])
-    if model_name == "flux":
-        return (h // 2) * (w // 2), text                     # 2x2 packing
-    frames = (options.get("frames", 1) - 1) // 4 + 1         # 4x temporal compression after the first frame
-    p, pt = config.get("patch_size", 2), config.get("patch_size_t", 1)
-    return (frames // pt) * (h // p) * (w // p), text
-
-
-def _lin(rows: int, fan_in: int, fan_out: int) -> int:
-    return 2 * rows * fan_in * fan_out
-
-
-def _double_block(n: int, d: int, hidden: int) -> int:
-    """A double-stream block on n = image + text tokens (each stream has its own weights; FLOPs add up)."""
-    return (_lin(n, d, 3 * d) + 4 * n * n * d + _lin(n, d, d) + _lin(n, d, hidden) + _lin(n, hidden, d)
-            + 2 * _lin(1, d, 6 * d))
-
-
-def _single_block(n: int, d: int, hidden: int) -> int:
-    return _lin(n, d, 3 * d) + 4 * n * n * d + _lin(n, d, hidden) + _lin(n, d + hidden, d) + _lin(1, d, 3 * d)
-
-
-def _embedder(fan_in: int, d: int) -> int:    # Linear(fan_in, d) -> SiLU -> Linear(d, d), once per sample
-    return _lin(1, fan_in, d) + _lin(1, d, d)
+    return get_model_spec(model_name).require("bench.throughput", "token_counts").token_counts(config, options)
 
 
 def forward_flops(model_name: str, config: dict, image_tokens: int, text_tokens: int, batch: int = 1) -> int:
-    """Matmul + attention FLOPs of one forward of the denoiser (see the module docstring)."""
-    d = config["num_attention_heads"] * config["attention_head_dim"]
-    ni, nt = image_tokens, text_tokens
-    n = ni + nt
-    guidance = _embedder(256, d) if config.get("guidance_embeds") else 0
-    if model_name == "flux":
-        hidden = int(d * config.get("mlp_ratio", 4.0))
-        p = config.get("patch_size", 1)
-        out_channels = config.get("out_channels") or config["in_channels"]
-        total = (_embedder(256, d) + guidance + _embedder(config["pooled_projection_dim"], d)
-                 + _lin(ni, config["in_channels"], d) + _lin(nt, config["joint_attention_dim"], d)
-                 + config["num_layers"] * _double_block(n, d, hidden)
-                 + config["num_single_layers"] * _single_block(n, d, hidden)
-                 + _lin(1, d, 2 * d) + _lin(ni, d, p * p * out_channels))
-    elif model_name in ("hunyuan_video", "skyreels_i2v"):
-        hidden = int(d * config.get("mlp_ratio", 4.0))
-        p, pt = config.get("patch_size", 2), config.get("patch_size_t", 1)
-        text_dim = config["text_embed_dim"]
-        refiner_hidden = 4 * d   # diffusers builds the token refiner with its default MLP ratio 4, not the config's
-        refiner_block = (_lin(nt, d, 3 * d) + 4 * nt * nt * d + _lin(nt, d, d) + _lin(nt, d, refiner_hidden)
-                         + _lin(nt, refiner_hidden, d) + _lin(1, d, 2 * d))
-        total = (_embedder(256, d) + guidance + _embedder(config["pooled_projection_dim"], d)
-                 + _lin(ni, config["in_channels"] * pt * p * p, d)                     # patch embedding (a conv)
-                 + _embedder(256, d) + _embedder(text_dim, d) + _lin(nt, text_dim, d)  # the token refiner's inputs
-                 + config.get("num_refiner_layers", 2) * refiner_block
-                 + config["num_layers"] * _double_block(n, d, hidden)
-                 + config["num_single_layers"] * _single_block(n, d, hidden)
-                 + _lin(1, d, 2 * d) + _lin(ni, d, pt * p * p * config["out_channels"]))
-    else:
-        raise ValueError(f"forward_flops: model {model_name!r} is not counted (known: flux, hunyuan_video)")
-    return batch * total
+    """Matmul + attention FLOPs of one forward of the denoiser on `batch` samples (see the module docstring)."""
+    spec = get_model_spec(model_name).require("forward_flops", "forward_flops")
+    return batch * spec.forward_flops(config, image_tokens, text_tokens)
 
 
 def peak_tflops(device: str) -> float | None:
@@ -183,16 +128,17 @@ class Workload:
 
 
 def recipe_workload(model_name: str, batch: int | None = None, tiny: bool = False) -> Workload:
-    """The recipe's resolution and micro-batch (configs/*.yaml), or the tiny test size."""
-    class_name, config, recipe = MODELS[model_name]
+    """The recipe's resolution and micro-batch (the spec's `bench_recipe`), or the tiny test size."""
+    spec = get_model_spec(model_name).require("bench.throughput", *SPEC_FIELDS)
     if tiny:
-        config, options, micro_batch = TINY[model_name]
+        config, options, micro_batch = spec.tiny_config, spec.tiny_options, spec.tiny_batch
     else:
-        cfg = yaml.safe_load((REPO / recipe).read_text())
+        config = spec.denoiser_config
+        cfg = yaml.safe_load((REPO / spec.bench_recipe).read_text())
         keys = ("height", "width", "frames")
         options = {k: v for k, v in cfg["model"]["options"].items() if k in keys}
         micro_batch = cfg["trainer"]["micro_batch_size"]
-    return Workload(model_name, class_name, dict(config), dict(options), batch or micro_batch)
+    return Workload(model_name, spec.denoiser_class, dict(config), dict(options), batch or micro_batch)
 
 
 def build_denoiser(work: Workload, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -278,8 +224,9 @@ def install_attention(model: torch.nn.Module, work: Workload, sta: dict | None, 
     """Route the denoiser's joint attention through STA (`sta` = model.options.sta) or leave it dense (None)."""
     if sta is None:
         return
-    if work.model_name not in ("hunyuan_video", "skyreels_i2v"):
-        raise ValueError(f"--sta: sliding-tile attention is for HunyuanVideo / SkyReels-I2V, not {work.model_name!r}")
+    if not get_model_spec(work.model_name).sliding_tile_attention:
+        raise ValueError(f"--sta: sliding-tile attention is for {', '.join(model_names('sliding_tile_attention'))}, "
+                         f"not {work.model_name!r}")
     from dancegrpo.attention.hunyuan_processor import install_sta
     install_sta(model, sta).set_step(sta_step)
 
@@ -310,7 +257,7 @@ def measure(work: Workload, setting: str, device: torch.device, dtype: torch.dty
         model = build_denoiser(work, device, dtype)
         install_attention(model, work, sta, sta_step)
         install_attention_backend(model, attention_backend, work.model_name,
-                                  masked=work.model_name in ("hunyuan_video", "skyreels_i2v"))
+                                  masked=get_model_spec(work.model_name).attention_masked)
         apply_activation_checkpointing(model, mode)
         if compiled:
             compile_blocks(model, **(compile_kwargs or {}))
@@ -335,7 +282,7 @@ def measure(work: Workload, setting: str, device: torch.device, dtype: torch.dty
 
 def main(argv: list[str] | None = None, measure_fn: Callable[..., dict] = measure) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--model", nargs="+", default=bench_models(), choices=bench_models())
     parser.add_argument("--settings", default=",".join(SETTINGS),
                         help=f"comma-separated checkpointing[+compile] settings (default {','.join(SETTINGS)})")
     parser.add_argument("--batch", type=int, default=None, help="samples per micro-step (default: the recipe's)")
@@ -368,7 +315,8 @@ def main(argv: list[str] | None = None, measure_fn: Callable[..., dict] = measur
     rows = []
     for model_name in args.model:
         work = recipe_workload(model_name, args.batch, tiny=args.tiny)
-        attention = [None] + ([sta] if sta is not None and model_name == "hunyuan_video" else [])
+        sta_rows = sta is not None and get_model_spec(model_name).sliding_tile_attention
+        attention = [None] + ([sta] if sta_rows else [])
         for setting in settings:
             for sta_options in attention:
                 extra = {"attention_backend": args.attention_backend}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import inspect
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -19,34 +18,7 @@ from tqdm import tqdm
 from .io_errors import load_image, parse_json, read_text
 from .models.checkpoint_layout import check_layout
 from .models.prompt_cache import EMPTY_PROMPT, PromptCacheWriter
-
-
-def _sd14():
-    from .models.sd14 import SD14PromptEncoder
-    return SD14PromptEncoder
-
-
-def _flux():
-    from .models.flux import FluxPromptEncoder
-    return FluxPromptEncoder
-
-
-def _hunyuan_video():
-    from .models.hunyuan_video import HunyuanPromptEncoder
-    return HunyuanPromptEncoder
-
-
-def _skyreels_i2v():
-    from .models.skyreels_i2v import SkyReelsPromptEncoder
-    return SkyReelsPromptEncoder
-
-
-#: model name -> prompt encoder class (imported on use). Names match models.MODEL_REGISTRY.
-ENCODERS: dict[str, Callable[[], type]] = {
-    "sd14": _sd14, "flux": _flux, "hunyuan_video": _hunyuan_video, "skyreels_i2v": _skyreels_i2v}
-
-#: Models that run classifier-free guidance: their cache also holds the empty prompt.
-CFG_MODELS = {"sd14", "skyreels_i2v"}
+from .models.spec import get_model_spec, model_names
 
 
 def read_prompt_file(path: str | Path) -> list[dict]:
@@ -91,9 +63,14 @@ def read_prompt_file(path: str | Path) -> list[dict]:
 
 
 def encoder_class(model: str) -> type:
-    if model not in ENCODERS:
-        raise ValueError(f"preprocess: unknown model {model!r}: choose one of {sorted(ENCODERS)}")
-    return ENCODERS[model]()
+    """The prompt encoder class of a registered model (its `ModelSpec.prompt_encoder`).
+
+    Raises ValueError naming the models that have one when `model` is unknown or has none.
+    """
+    names = model_names("prompt_encoder")
+    if model not in names:
+        raise ValueError(f"preprocess: unknown model {model!r}: choose one of {sorted(names)}")
+    return get_model_spec(model).prompt_encoder
 
 
 def preprocess(model: str, path: str | Path, prompts: str | Path, out: str | Path, batch_size: int = 8,
@@ -114,7 +91,7 @@ def preprocess(model: str, path: str | Path, prompts: str | Path, out: str | Pat
         raise ValueError(f"dtype = {dtype!r} must be one of {', '.join(dtypes)}")
     entries = read_prompt_file(prompts)  # first: a bad prompt file or image is reported before anything loads
     root = check_layout(path, model, cls.components())
-    if model in CFG_MODELS and all(e["prompt"] != EMPTY_PROMPT for e in entries):
+    if get_model_spec(model).cfg and all(e["prompt"] != EMPTY_PROMPT for e in entries):
         entries = [{"prompt": EMPTY_PROMPT}] + entries  # the unconditional branch of CFG
     encoder = cls(root, torch.device(device), dtypes[dtype], **options)
     writer = PromptCacheWriter(out, model, meta={"checkpoint": str(root), **encoder.meta()}, shard_size=shard_size)

@@ -53,7 +53,9 @@ HOST_SIDE: dict[tuple[str, str], str] = {
     ("dancegrpo/toy/detect.py", "*"): "the rule-based toy reward moves images to the CPU first (detect_objects)",
     ("dancegrpo/toy/checker.py", "*"): "the toy checker scores on the CPU; the reward moves its outputs back",
     ("dancegrpo/models/skyreels_i2v.py", "encode"): "preprocess: image latents gathered on the host for the cache",
-    ("dancegrpo/memory_estimate.py", "denoiser_inputs"): "example inputs built on the host; bench moves them",
+    ("dancegrpo/models/sd14.py", "denoiser_inputs"): "example inputs built on the host; bench moves them",
+    ("dancegrpo/models/flux.py", "denoiser_inputs"): "example inputs built on the host; bench moves them",
+    ("dancegrpo/models/hunyuan_video.py", "denoiser_inputs"): "example inputs built on the host; bench moves them",
     ("dancegrpo/sde.py", "ddim_alphas_cumprod"): "schedule tables built once on the host; samplers move them",
     ("dancegrpo/sde.py", "ddim_timesteps"): "schedule tables built once on the host; samplers move them",
 }

@@ -1,11 +1,15 @@
 """dancegrpo.memory_estimate: exact parameter counts, the two memory instruments, fake vs real runs."""
 from __future__ import annotations
 
+import contextlib
+from dataclasses import replace
+
 import torch
 from diffusers import AutoencoderKL, FluxTransformer2DModel, HunyuanVideoTransformer3DModel, UNet2DConditionModel
 from torch import nn
 
 from dancegrpo import memory_estimate as me
+from dancegrpo.models import get_model_spec, register_model
 
 TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=32, guidance_embeds=True,
@@ -22,6 +26,17 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, down_block_typ
                 norm_num_groups=8)
 
 
+@contextlib.contextmanager
+def swapped_spec(spec):
+    """Register `spec` in place of the spec of the same name for the duration of the block."""
+    original = get_model_spec(spec.name)
+    register_model(spec, replace=True)
+    try:
+        yield spec
+    finally:
+        register_model(original, replace=True)
+
+
 def numel(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
@@ -34,10 +49,11 @@ def test_parameter_counts_equal_the_instantiated_models():
 
 def test_published_configs_build_the_known_model_sizes():
     # Public sizes: SD v1.4 UNet 859.5 M, HunyuanVideo 12.8 B (the "13B" model), SD VAE 83.7 M.
-    assert me.count_diffusers_parameters("UNet2DConditionModel", me.SD14_UNET) == 859_520_964
-    assert round(me.count_diffusers_parameters("HunyuanVideoTransformer3DModel", me.HUNYUAN_VIDEO_TRANSFORMER),
+    sd14, hunyuan = get_model_spec("sd14"), get_model_spec("hunyuan_video")
+    assert me.count_diffusers_parameters("UNet2DConditionModel", sd14.denoiser_config) == 859_520_964
+    assert round(me.count_diffusers_parameters("HunyuanVideoTransformer3DModel", hunyuan.denoiser_config),
                  -8) == 12_800_000_000
-    assert round(me.count_diffusers_parameters("AutoencoderKL", me.SD14_VAE), -5) == 83_700_000
+    assert round(me.count_diffusers_parameters("AutoencoderKL", sd14.vae_config), -5) == 83_700_000
 
 
 def test_saved_tensor_bytes_of_a_tiny_mlp_by_hand():
@@ -108,22 +124,22 @@ def test_checkpointing_keeps_block_inputs_but_autocast_keeps_bf16_weights():
     assert fp32.peak < ac.peak
 
 
-def test_recipe_estimate_counts_the_trainer_state(tmp_path, monkeypatch, capsys):
-    tiny = me.ModelSpec("FluxTransformer2DModel", TINY_FLUX, "AutoencoderKL", {**TINY_VAE, "latent_channels": 16},
-                        "blocks")
-    monkeypatch.setitem(me.MODELS, "flux", tiny)
-    overrides = ("model.options.height=32", "model.options.width=32", "model.options.max_sequence_length=8",
-                 "trainer.ema_decay=0.99", "grpo.kl_coef=0.1", "grpo.prompts_per_iteration=2", "grpo.group_size=3")
-    est = me.estimate_recipe("configs/flux_hps.yaml", overrides=overrides)
-    n = numel(FluxTransformer2DModel(**TINY_FLUX))
-    rows = {row.part: row.bytes for row in est.state + est.buffers}
-    assert rows["denoiser weights (fp32 master)"] == rows["gradients (fp32)"] == 4 * n
-    assert rows["AdamW moments (fp32 exp_avg + exp_avg_sq)"] == 8 * n
-    assert rows["EMA copy (fp32)"] == rows["frozen reference copy (fp32)"] == 4 * n
-    assert rows["VAE (float32, frozen)"] == 4 * numel(AutoencoderKL(**{**TINY_VAE, "latent_channels": 16}))
-    assert rows["reward hps (float32)"] == 4 * 986_109_441   # open_clip ViT-H-14
-    assert rows["rollout latents (fp32, every step)"] == 4 * 6 * 17 * 16 * 4 * 4   # 6 samples, 16+1 steps
-    assert est.decoded.bytes == 4 * 6 * 3 * 32 * 32
-    assert est.peak(True) == est.persistent() + max(est.activations[True].peak, est.decoded.bytes)
-    table = me.format_markdown(est)
-    assert "| **peak, with activation checkpointing** |" in table and "EMA copy" in table
+def test_recipe_estimate_counts_the_trainer_state():
+    flux = get_model_spec("flux")
+    tiny = replace(flux, denoiser_config=TINY_FLUX, vae_config={**TINY_VAE, "latent_channels": 16})
+    with swapped_spec(tiny):
+        overrides = ("model.options.height=32", "model.options.width=32", "model.options.max_sequence_length=8",
+                     "trainer.ema_decay=0.99", "grpo.kl_coef=0.1", "grpo.prompts_per_iteration=2", "grpo.group_size=3")
+        est = me.estimate_recipe("configs/flux_hps.yaml", overrides=overrides)
+        n = numel(FluxTransformer2DModel(**TINY_FLUX))
+        rows = {row.part: row.bytes for row in est.state + est.buffers}
+        assert rows["denoiser weights (fp32 master)"] == rows["gradients (fp32)"] == 4 * n
+        assert rows["AdamW moments (fp32 exp_avg + exp_avg_sq)"] == 8 * n
+        assert rows["EMA copy (fp32)"] == rows["frozen reference copy (fp32)"] == 4 * n
+        assert rows["VAE (float32, frozen)"] == 4 * numel(AutoencoderKL(**{**TINY_VAE, "latent_channels": 16}))
+        assert rows["reward hps (float32)"] == 4 * 986_109_441   # open_clip ViT-H-14
+        assert rows["rollout latents (fp32, every step)"] == 4 * 6 * 17 * 16 * 4 * 4   # 6 samples, 16+1 steps
+        assert est.decoded.bytes == 4 * 6 * 3 * 32 * 32
+        assert est.peak(True) == est.persistent() + max(est.activations[True].peak, est.decoded.bytes)
+        table = me.format_markdown(est)
+        assert "| **peak, with activation checkpointing** |" in table and "EMA copy" in table

@@ -9,13 +9,14 @@ import torch
 from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel
 
 from bench import scaling_model as sm
-from bench.throughput import TINY, recipe_workload
+from bench.throughput import recipe_workload
 from dancegrpo.distributed.blocks import transformer_blocks
-from dancegrpo.memory_estimate import FLUX_DEV_TRANSFORMER, HUNYUAN_VIDEO_TRANSFORMER
+from dancegrpo.models import get_model_spec
 from test_bench_throughput import FLUX_ODD, HUNYUAN_ODD
 
-CASES = [("flux", FluxTransformer2DModel, TINY["flux"][0]), ("flux", FluxTransformer2DModel, FLUX_ODD),
-         ("hunyuan_video", HunyuanVideoTransformer3DModel, TINY["hunyuan_video"][0]),
+FLUX, HUNYUAN = get_model_spec("flux"), get_model_spec("hunyuan_video")
+CASES = [("flux", FluxTransformer2DModel, FLUX.tiny_config), ("flux", FluxTransformer2DModel, FLUX_ODD),
+         ("hunyuan_video", HunyuanVideoTransformer3DModel, HUNYUAN.tiny_config),
          ("hunyuan_video", HunyuanVideoTransformer3DModel, HUNYUAN_ODD)]
 
 
@@ -33,8 +34,8 @@ def test_parameter_counts_equal_the_diffusers_models(name, cls, config):
 
 
 def test_full_size_parameter_counts_are_the_published_sizes():
-    assert sm.parameter_count("flux", FLUX_DEV_TRANSFORMER) == pytest.approx(11.90e9, rel=1e-3)   # FLUX.1-dev 12 B
-    assert sm.parameter_count("hunyuan_video", HUNYUAN_VIDEO_TRANSFORMER) == pytest.approx(12.82e9, rel=1e-3)  # 13 B
+    assert sm.parameter_count("flux", FLUX.denoiser_config) == pytest.approx(11.90e9, rel=1e-3)   # FLUX.1-dev 12 B
+    assert sm.parameter_count("hunyuan_video", HUNYUAN.denoiser_config) == pytest.approx(12.82e9, rel=1e-3)  # 13 B
 
 
 def ring_all_gather_bytes_sent(shard_bytes: list[int]) -> list[int]:
@@ -49,14 +50,14 @@ def ring_all_gather_bytes_sent(shard_bytes: list[int]) -> list[int]:
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_fsdp_all_gather_volume_equals_a_ring_simulation_over_the_real_shards(world):
-    model = build(HunyuanVideoTransformer3DModel, TINY["hunyuan_video"][0])
+    model = build(HunyuanVideoTransformer3DModel, HUNYUAN.tiny_config)
     sent = [0] * world
     for p in model.parameters():   # FSDP2 shards each parameter on dim 0; bf16 compute copies are gathered
         shards = [c.numel() * 2 for c in p.detach().chunk(world, 0)]
         shards += [0] * (world - len(shards))
         assert all(s == shards[0] for s in shards), "the tiny dims divide the world size (no padding)"
         sent = [a + b for a, b in zip(sent, ring_all_gather_bytes_sent(shards))]
-    volumes = sm.fsdp_bytes(sm.parameter_count("hunyuan_video", TINY["hunyuan_video"][0]), world, grad_bytes=4)
+    volumes = sm.fsdp_bytes(sm.parameter_count("hunyuan_video", HUNYUAN.tiny_config), world, grad_bytes=4)
     assert sent == [volumes["all_gather_forward"]] * world
     assert volumes["all_gather_backward"] == volumes["all_gather_forward"]
     assert volumes["reduce_scatter"] == 2 * volumes["all_gather_forward"]        # fp32 gradients, same pattern
@@ -68,7 +69,7 @@ def test_fsdp_all_gather_volume_equals_a_ring_simulation_over_the_real_shards(wo
 def test_ulysses_volume_equals_a_count_over_the_attention_calls(sp):
     """Hook every attention layer of the joint blocks, take the video and text shapes it sees, and
     count the bytes leaving a rank exactly as dancegrpo.distributed.ulysses splits its buffers."""
-    name, config = "hunyuan_video", dict(TINY["hunyuan_video"][0], num_attention_heads=12)
+    name, config = "hunyuan_video", dict(HUNYUAN.tiny_config, num_attention_heads=12)
     work = recipe_workload(name, tiny=True)
     model = build(HunyuanVideoTransformer3DModel, config)
     calls = []

@@ -6,7 +6,7 @@ iteration, micro-batch 1, bf16 autocast, gradient checkpointing, 720x720), with 
 group per iteration on the GPU, on a FluxGenerator built in memory:
 
 - the transformer: diffusers' FluxTransformer2DModel from FLUX.1-dev's published config
-  (dancegrpo.memory_estimate.FLUX_DEV_TRANSFORMER, 12 B parameters), random weights;
+  (dancegrpo.models.flux.FLUX_DEV_TRANSFORMER, 12 B parameters), random weights;
 - the VAE: AutoencoderKL from FLUX.1-dev's VAE config, random weights, bf16;
 - the conditioning: a prompt cache of random T5 sequences (512 x 4096) and CLIP pooled
   vectors (768), written here (no text encoder runs in training, as with a real cache);
@@ -110,7 +110,7 @@ def _adapter(ctx: Context, tmp: Path, recipe: dict, mode: str):
     from diffusers import AutoencoderKL
 
     from bench import throughput
-    from dancegrpo.memory_estimate import FLUX_DEV_VAE
+    from dancegrpo.models import get_model_spec
     from dancegrpo.models.diffusers_generator import parse_options
     from dancegrpo.models.flux import FluxGenerator, FluxOptions
     from dancegrpo.models.prompt_cache import PromptCache, PromptCacheWriter
@@ -144,7 +144,7 @@ def _adapter(ctx: Context, tmp: Path, recipe: dict, mode: str):
     writer.close()
     torch.manual_seed(3)
     with torch.device(ctx.device):
-        vae = AutoencoderKL.from_config(TINY_VAE if ctx.tiny else FLUX_DEV_VAE)
+        vae = AutoencoderKL.from_config(TINY_VAE if ctx.tiny else get_model_spec("flux").vae_config)
     vae = vae.to(gpu_dtype)
     opts = parse_options(FluxOptions, "flux", options)
     adapter = FluxGenerator(tmp, denoiser, vae, PromptCache(tmp / "cache", ("flux",)), opts)

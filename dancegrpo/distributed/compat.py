@@ -14,16 +14,16 @@ EMA. What cannot, refused here:
 """
 from __future__ import annotations
 
-SEQUENCE_PARALLEL_MODELS = ("hunyuan_video", "skyreels_i2v")
-
 
 def option_pair_problems(cfg) -> list[str]:
     """The refused pairs present in a Config (see the module docstring); [] when none."""
+    from ..models import model_names
     par, model = cfg.parallel, cfg.model
     problems = []
-    if par.sp_size > 1 and model.name not in SEQUENCE_PARALLEL_MODELS:
+    sequence_parallel = model_names("sequence_parallel")   # the models whose ModelSpec says so
+    if par.sp_size > 1 and model.name not in sequence_parallel:
         problems.append(f"parallel.sp_size = {par.sp_size} with model.name = {model.name!r}: Ulysses sequence "
-                        f"parallelism exists for {', '.join(SEQUENCE_PARALLEL_MODELS)} only; use sp_size 1 "
+                        f"parallelism exists for {', '.join(sequence_parallel)} only; use sp_size 1 "
                         "(data parallelism and parallel.fsdp scale the other models)")
     if model.options.get("gradient_checkpointing") and par.activation_checkpointing != "none":
         problems.append(f"model.options.gradient_checkpointing = true with parallel.activation_checkpointing = "

@@ -1,45 +1,27 @@
-"""Generator adapters, built by name from the config's `model` section."""
+"""Generator adapters, built by name from the config's `model` section.
+
+Each generator's module defines its adapter and its `ModelSpec` (models/spec.py); the one line
+below registers the built-in ones. Importing this package imports no diffusers or transformers:
+adapters import them when they load weights.
+"""
 from __future__ import annotations
 
-from typing import Callable
-
+from . import flux, hunyuan_video, sd14, skyreels_i2v, toy_flux
 from .base import Conditioning, GeneratorAdapter, index_cond, repeat_cond
+from .spec import ModelSpec, get_model_spec, model_names, register_model, unregister_model
 
-
-def _toy_flux(path: str, options: dict):
-    from .toy_flux import ToyFluxGenerator
-    return ToyFluxGenerator.from_pretrained(path, **options)
-
-
-def _sd14(path: str, options: dict):
-    from .sd14 import SD14Generator
-    return SD14Generator.from_pretrained(path, options)
-
-
-def _flux(path: str, options: dict):
-    from .flux import FluxGenerator
-    return FluxGenerator.from_pretrained(path, options)
-
-
-def _hunyuan_video(path: str, options: dict):
-    from .hunyuan_video import HunyuanVideoGenerator
-    return HunyuanVideoGenerator.from_pretrained(path, options)
-
-
-def _skyreels_i2v(path: str, options: dict):
-    from .skyreels_i2v import SkyReelsI2VGenerator
-    return SkyReelsI2VGenerator.from_pretrained(path, options)
-
-
-#: name -> loader(path, options). Real generators register here as they are added.
-MODEL_REGISTRY: dict[str, Callable] = {"toy_flux": _toy_flux, "sd14": _sd14, "flux": _flux,
-                                       "hunyuan_video": _hunyuan_video, "skyreels_i2v": _skyreels_i2v}
+for _spec in (toy_flux.SPEC, sd14.SPEC, flux.SPEC, hunyuan_video.SPEC, skyreels_i2v.SPEC):
+    register_model(_spec)
 
 
 def load_model(name: str, path: str = "", options: dict | None = None):
-    if name not in MODEL_REGISTRY:
-        raise ValueError(f"unknown model {name!r}: choose one of {sorted(MODEL_REGISTRY)}")
-    return MODEL_REGISTRY[name](path, dict(options or {}))
+    """The adapter of the registered model `name`, loaded from `path` with `options` (`model.options`).
+
+    Raises ValueError for an unregistered name (listing the registered ones), and whatever the
+    adapter's loader raises for a bad path or option.
+    """
+    return get_model_spec(name).load(path, dict(options or {}))
 
 
-__all__ = ["Conditioning", "GeneratorAdapter", "MODEL_REGISTRY", "index_cond", "load_model", "repeat_cond"]
+__all__ = ["Conditioning", "GeneratorAdapter", "ModelSpec", "get_model_spec", "index_cond", "load_model",
+           "model_names", "register_model", "repeat_cond", "unregister_model"]

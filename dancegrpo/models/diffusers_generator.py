@@ -32,13 +32,14 @@ from ..attention.backends import install_attention_backend
 from .base import Conditioning, FrozenReference
 from .checkpoint_layout import Component, check_layout, read_json
 from .lora import LoraOptions, LoraParameters, apply_lora, save_merged
+from .options import CheckedOptions, at_least, one_of
 from .prompt_cache import EMPTY_PROMPT, PromptCache
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
-class GeneratorOptions:
+class GeneratorOptions(CheckedOptions):
     """Options every real generator takes (`model.options` in the config)."""
 
     prompt_cache: str = ""             # folder written by `dancegrpo preprocess` (required)
@@ -51,19 +52,14 @@ class GeneratorOptions:
     save_frozen: str = "link"          # how save_pretrained provides vae/, text encoders...: link | copy | none
     attention_backend: str = "auto"    # auto | flash | efficient | cudnn | math | flash_attn | flash_attn3 | xformers
 
-    def validate(self) -> list[str]:
+    checks = {"frozen_dtype": one_of(DTYPES), "decode_batch_size": at_least(1),
+              "save_frozen": one_of(("link", "copy", "none"), "link, copy or none"),
+              "attention_backend": one_of(ATTENTION_BACKENDS)}
+
+    def problems(self) -> list[str]:
         problems = []
         if self.height < 1 or self.width < 1:
             problems.append(f"height x width = {self.height} x {self.width} must be positive")
-        if self.frozen_dtype not in DTYPES:
-            problems.append(f"frozen_dtype = {self.frozen_dtype!r} must be one of {', '.join(DTYPES)}")
-        if self.decode_batch_size < 1:
-            problems.append(f"decode_batch_size = {self.decode_batch_size} must be >= 1")
-        if self.save_frozen not in ("link", "copy", "none"):
-            problems.append(f"save_frozen = {self.save_frozen!r} must be link, copy or none")
-        if self.attention_backend not in ATTENTION_BACKENDS:
-            problems.append(f"attention_backend = {self.attention_backend!r} must be one of "
-                            f"{', '.join(ATTENTION_BACKENDS)}")
         if self.lora is not None:
             problems += self.lora_options().validate()
         return problems

@@ -9,14 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, FluxTransformer2DModel
 
+from . import transformer_costs as costs
 from .base import Conditioning
 from .checkpoint_layout import Component
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
-from .toy_flux import latent_image_ids, pack_latents, unpack_latents
+from .flux_packing import latent_image_ids, pack_latents, unpack_latents
+from .options import at_least
+from .spec import ModelSpec, option_defaults
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
 
 @dataclass
@@ -25,11 +31,7 @@ class FluxOptions(GeneratorOptions):
     width: int = 720
     guidance_scale: float = 3.5        # embedded guidance of FLUX.1-dev (the authors' scripts)
 
-    def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.guidance_scale < 0:
-            problems.append(f"guidance_scale = {self.guidance_scale} must be >= 0")
-        return problems
+    checks = {"guidance_scale": at_least(0)}
 
 
 class FluxGenerator(DiffusersGenerator):
@@ -59,10 +61,12 @@ class FluxGenerator(DiffusersGenerator):
 
     @classmethod
     def load_denoiser(cls, root: Path) -> FluxTransformer2DModel:
+        from diffusers import FluxTransformer2DModel
         return FluxTransformer2DModel.from_pretrained(str(root), subfolder="transformer", torch_dtype=torch.float32)
 
     @classmethod
     def load_vae(cls, root: Path, dtype: torch.dtype) -> AutoencoderKL:
+        from diffusers import AutoencoderKL
         return AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
 
     def latent_shape(self) -> tuple[int, int, int]:
@@ -125,3 +129,113 @@ class FluxPromptEncoder:
                                   truncation=True, return_tensors="pt").input_ids
         sequence = self.text_encoder_2(t5_ids.to(self.device), output_hidden_states=False)[0]
         return {"prompt_embeds": sequence.to(self.dtype), "pooled_embeds": pooled.to(self.dtype)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec: published configs, shapes and costs (memory estimate, benchmarks)
+
+# huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/transformer/config.json
+FLUX_DEV_TRANSFORMER = dict(
+    attention_head_dim=128, guidance_embeds=True, in_channels=64, joint_attention_dim=4096,
+    num_attention_heads=24, num_layers=19, num_single_layers=38, patch_size=1, pooled_projection_dim=768,
+    axes_dims_rope=(16, 56, 56))
+# huggingface.co/black-forest-labs/FLUX.1-dev/blob/main/vae/config.json
+FLUX_DEV_VAE = dict(
+    act_fn="silu", block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    in_channels=3, latent_channels=16, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=1024,
+    scaling_factor=0.3611, shift_factor=0.1159, up_block_types=("UpDecoderBlock2D",) * 4,
+    use_post_quant_conv=False, use_quant_conv=False, mid_block_add_attention=True, force_upcast=True)
+# The configs of tests/test_distributed_blocks.py: every part of the class at test size.
+TINY_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, attention_head_dim=8,
+                        num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=32, guidance_embeds=True,
+                        axes_dims_rope=(2, 2, 4))
+TEXT_TOKENS = 512   # the T5 sequence of the prompt cache (FluxPromptEncoder's max_sequence_length)
+
+
+def denoiser_inputs(config: dict, options: dict, rows: int) -> dict:
+    """Random FluxTransformer2DModel inputs for `rows` samples at options' height x width (host tensors)."""
+    height, width = options["height"], options["width"]
+    t = torch.full((rows,), 0.5)
+    h, w = height // 8, width // 8
+    text = options.get("max_sequence_length", TEXT_TOKENS)
+    return dict(hidden_states=torch.randn(rows, h * w // 4, config["in_channels"]),
+                encoder_hidden_states=torch.randn(rows, text, config["joint_attention_dim"]),
+                pooled_projections=torch.randn(rows, config["pooled_projection_dim"]), timestep=t,
+                img_ids=latent_image_ids(h, w), txt_ids=torch.zeros(text, 3),
+                guidance=torch.full((rows,), 3.5) if config["guidance_embeds"] else None, return_dict=False)
+
+
+def latent_numel(options: dict) -> int:
+    """16 latent channels x (H/8) x (W/8): FLUX.1-dev's VAE."""
+    return 16 * (options["height"] // 8) * (options["width"] // 8)
+
+
+def cond_bytes(options: dict) -> int:
+    """T5 sequence (4096 wide) + CLIP pooled (768), bf16, as FluxPromptEncoder caches them."""
+    return (options.get("max_sequence_length", TEXT_TOKENS) * 4096 + 768) * 2
+
+
+def token_counts(config: dict, options: dict) -> tuple[int, int]:
+    """(image tokens, text tokens): the VAE's 8x spatial compression, then 2x2 packing."""
+    h, w = options["height"] // 8, options["width"] // 8
+    return (h // 2) * (w // 2), options.get("max_sequence_length", TEXT_TOKENS)
+
+
+def forward_flops(config: dict, image_tokens: int, text_tokens: int) -> int:
+    """One sample's forward: embedders, 2x2-packed patch and text projections, the blocks, the output head."""
+    d, _, hidden = costs.width(config)
+    ni, nt = image_tokens, text_tokens
+    n = ni + nt
+    guidance = costs.embedder_flops(256, d) if config.get("guidance_embeds") else 0
+    p = config.get("patch_size", 1)
+    out_channels = config.get("out_channels") or config["in_channels"]
+    return (costs.embedder_flops(256, d) + guidance + costs.embedder_flops(config["pooled_projection_dim"], d)
+            + costs.lin(ni, config["in_channels"], d) + costs.lin(nt, config["joint_attention_dim"], d)
+            + config["num_layers"] * costs.double_block_flops(n, d, hidden)
+            + config["num_single_layers"] * costs.single_block_flops(n, d, hidden)
+            + costs.lin(1, d, 2 * d) + costs.lin(ni, d, p * p * out_channels))
+
+
+def block_parameter_counts(config: dict) -> list[int]:
+    """Double-stream blocks, then single-stream blocks."""
+    d, head_dim, hidden = costs.width(config)
+    return ([costs.double_block_params(d, head_dim, hidden)] * config["num_layers"]
+            + [costs.single_block_params(d, head_dim, hidden)] * config["num_single_layers"])
+
+
+def parameter_count(config: dict) -> int:
+    """Blocks, the timestep / guidance / pooled-text embedders, input projections and the output head."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    conditioning = (costs.embedder_params(256, d) * (2 if config.get("guidance_embeds") else 1)
+                    + costs.embedder_params(config["pooled_projection_dim"], d))
+    head = costs.linear_params(d, 2 * d)   # AdaLayerNormContinuous's modulation before the output projection
+    p = config.get("patch_size", 1)
+    out = config.get("out_channels") or config["in_channels"]
+    return (sum(block_parameter_counts(config)) + conditioning + costs.linear_params(config["in_channels"], d)
+            + costs.linear_params(config["joint_attention_dim"], d) + head + costs.linear_params(d, p * p * out))
+
+
+SPEC = ModelSpec(
+    name="flux",
+    load=FluxGenerator.from_pretrained,
+    prompt_encoder=FluxPromptEncoder,
+    default_options=option_defaults(FluxOptions),
+    denoiser_class="FluxTransformer2DModel",
+    denoiser_config=FLUX_DEV_TRANSFORMER,
+    vae_class="AutoencoderKL",
+    vae_config=FLUX_DEV_VAE,
+    checkpointed_blocks="each double- and single-stream transformer block",
+    text_tokens=TEXT_TOKENS,
+    denoiser_inputs=denoiser_inputs,
+    latent_numel=latent_numel,
+    cond_bytes=cond_bytes,
+    token_counts=token_counts,
+    forward_flops=forward_flops,
+    parameter_count=parameter_count,
+    block_parameter_counts=block_parameter_counts,
+    attention_layers=costs.joint_attention_layers,
+    bench_recipe="configs/flux_hps.yaml",
+    tiny_config=TINY_TRANSFORMER,
+    tiny_options=dict(height=64, width=64, max_sequence_length=8),
+    tiny_batch=2,
+)

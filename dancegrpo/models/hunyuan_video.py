@@ -13,13 +13,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 
+from . import transformer_costs as costs
 from .base import Conditioning
 from .checkpoint_layout import Component
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
+from .options import at_least
+from .spec import ModelSpec, option_defaults
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
 
 
 @dataclass
@@ -31,19 +37,16 @@ class HunyuanVideoOptions(GeneratorOptions):
     vae_tiling: bool = True            # diffusers' tiled (and frame-wise) VAE decode: bounded memory for video
     sta: dict | None = None            # sliding-tile attention (docs/sta.md); null = off
 
-    def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.frames < 1:
-            problems.append(f"frames = {self.frames} must be >= 1")
-        if self.guidance_scale < 0:
-            problems.append(f"guidance_scale = {self.guidance_scale} must be >= 0")
-        if self.sta is not None:
-            from ..attention.hunyuan_processor import STAOptions
-            try:
-                problems += STAOptions.from_dict(self.sta).validate()
-            except (TypeError, ValueError) as exc:
-                problems.append(str(exc))
-        return problems
+    checks = {"frames": at_least(1), "guidance_scale": at_least(0)}
+
+    def problems(self) -> list[str]:
+        if self.sta is None:
+            return []
+        from ..attention.hunyuan_processor import STAOptions
+        try:
+            return STAOptions.from_dict(self.sta).validate()
+        except (TypeError, ValueError) as exc:
+            return [str(exc)]
 
 
 class HunyuanVideoGenerator(DiffusersGenerator):
@@ -81,11 +84,13 @@ class HunyuanVideoGenerator(DiffusersGenerator):
 
     @classmethod
     def load_denoiser(cls, root: Path) -> HunyuanVideoTransformer3DModel:
+        from diffusers import HunyuanVideoTransformer3DModel
         return HunyuanVideoTransformer3DModel.from_pretrained(str(root), subfolder="transformer",
                                                               torch_dtype=torch.float32)
 
     @classmethod
     def load_vae(cls, root: Path, dtype: torch.dtype) -> AutoencoderKLHunyuanVideo:
+        from diffusers import AutoencoderKLHunyuanVideo
         return AutoencoderKLHunyuanVideo.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
 
     def latent_shape(self) -> tuple[int, int, int, int]:
@@ -164,3 +169,136 @@ class HunyuanPromptEncoder:
         pooled = self.text_encoder_2(clip_ids.to(self.device), output_hidden_states=False).pooler_output
         return {"prompt_embeds": sequence.to(self.dtype), "prompt_attention_mask": mask.to(torch.int64),
                 "pooled_embeds": pooled.to(self.dtype)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec: published configs, shapes and costs (memory estimate, benchmarks)
+
+# huggingface.co/hunyuanvideo-community/HunyuanVideo/blob/main/transformer/config.json
+HUNYUAN_VIDEO_TRANSFORMER = dict(
+    attention_head_dim=128, guidance_embeds=True, in_channels=16, mlp_ratio=4.0, num_attention_heads=24,
+    num_layers=20, num_refiner_layers=2, num_single_layers=40, out_channels=16, patch_size=2, patch_size_t=1,
+    pooled_projection_dim=768, qk_norm="rms_norm", rope_axes_dim=(16, 56, 56), rope_theta=256.0,
+    text_embed_dim=4096)
+# huggingface.co/hunyuanvideo-community/HunyuanVideo/blob/main/vae/config.json
+HUNYUAN_VIDEO_VAE = dict(
+    act_fn="silu", block_out_channels=(128, 256, 512, 512), down_block_types=("HunyuanVideoDownBlock3D",) * 4,
+    in_channels=3, latent_channels=16, layers_per_block=2, mid_block_add_attention=True, norm_num_groups=32,
+    out_channels=3, scaling_factor=0.476986, spatial_compression_ratio=8, temporal_compression_ratio=4,
+    up_block_types=("HunyuanVideoUpBlock3D",) * 4)
+# The configs of tests/test_distributed_blocks.py: every part of the class at test size.
+TINY_TRANSFORMER = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+                        num_single_layers=2, num_refiner_layers=2, patch_size=2, patch_size_t=1, text_embed_dim=32,
+                        pooled_projection_dim=32, rope_axes_dim=(2, 2, 4), guidance_embeds=True)
+TEXT_TOKENS = 256   # the Llama sequence of the prompt cache (HunyuanPromptEncoder's max_sequence_length)
+
+
+def latent_frames(options: dict) -> int:
+    """Latent frames of `options["frames"]` video frames: 4x temporal compression after the first frame."""
+    return (options.get("frames", 1) - 1) // 4 + 1
+
+
+def denoiser_inputs(config: dict, options: dict, rows: int) -> dict:
+    """Random HunyuanVideoTransformer3DModel inputs for `rows` samples of options' frames x height x width
+    (host tensors); `config["in_channels"]` covers SkyReels' video + image latent channels."""
+    t = torch.full((rows,), 0.5)
+    text = options.get("max_sequence_length", TEXT_TOKENS)
+    return dict(hidden_states=torch.randn(rows, config["in_channels"], latent_frames(options), options["height"] // 8,
+                                          options["width"] // 8),
+                timestep=t * 1000, encoder_hidden_states=torch.randn(rows, text, config["text_embed_dim"]),
+                encoder_attention_mask=torch.ones(rows, text),
+                pooled_projections=torch.randn(rows, config["pooled_projection_dim"]),
+                guidance=torch.full((rows,), 1000.0), return_dict=False)
+
+
+def latent_numel(options: dict) -> int:
+    """16 latent channels x latent frames x (H/8) x (W/8): HunyuanVideo's VAE."""
+    return 16 * ((options["frames"] - 1) // 4 + 1) * (options["height"] // 8) * (options["width"] // 8)
+
+
+def cond_bytes(options: dict) -> int:
+    """Llama sequence (4096 wide) + CLIP pooled (768) in bf16, and the int64 attention mask."""
+    text = options.get("max_sequence_length", TEXT_TOKENS)
+    return (text * 4096 + 768) * 2 + text * 8
+
+
+def token_counts(config: dict, options: dict) -> tuple[int, int]:
+    """(video tokens, text tokens): the VAE's 8x spatial and 4x temporal compression, then the patches."""
+    h, w = options["height"] // 8, options["width"] // 8
+    p, pt = config.get("patch_size", 2), config.get("patch_size_t", 1)
+    return (latent_frames(options) // pt) * (h // p) * (w // p), options.get("max_sequence_length", TEXT_TOKENS)
+
+
+def forward_flops(config: dict, image_tokens: int, text_tokens: int) -> int:
+    """One sample's forward: embedders, the patch embedding, the text token refiner, the blocks, the head."""
+    d, _, hidden = costs.width(config)
+    ni, nt = image_tokens, text_tokens
+    n = ni + nt
+    guidance = costs.embedder_flops(256, d) if config.get("guidance_embeds") else 0
+    p, pt = config.get("patch_size", 2), config.get("patch_size_t", 1)
+    text_dim = config["text_embed_dim"]
+    refiner_hidden = 4 * d   # diffusers builds the token refiner with its default MLP ratio 4, not the config's
+    refiner_block = (costs.lin(nt, d, 3 * d) + 4 * nt * nt * d + costs.lin(nt, d, d) + costs.lin(nt, d, refiner_hidden)
+                     + costs.lin(nt, refiner_hidden, d) + costs.lin(1, d, 2 * d))
+    return (costs.embedder_flops(256, d) + guidance + costs.embedder_flops(config["pooled_projection_dim"], d)
+            + costs.lin(ni, config["in_channels"] * pt * p * p, d)                   # patch embedding (a conv)
+            # the token refiner's inputs: its timestep and pooled-text embedders, the text projection
+            + costs.embedder_flops(256, d) + costs.embedder_flops(text_dim, d) + costs.lin(nt, text_dim, d)
+            + config.get("num_refiner_layers", 2) * refiner_block
+            + config["num_layers"] * costs.double_block_flops(n, d, hidden)
+            + config["num_single_layers"] * costs.single_block_flops(n, d, hidden)
+            + costs.lin(1, d, 2 * d) + costs.lin(ni, d, pt * p * p * config["out_channels"]))
+
+
+def block_parameter_counts(config: dict) -> list[int]:
+    """Token refiner blocks, double-stream blocks, then single-stream blocks."""
+    d, head_dim, hidden = costs.width(config)
+    refiner = (costs.linear_params(d, 3 * d) + costs.linear_params(d, d) + 2 * 2 * d + costs.mlp_params(d, 4 * d)
+               + costs.linear_params(d, 2 * d))
+    return ([refiner] * config.get("num_refiner_layers", 2)
+            + [costs.double_block_params(d, head_dim, hidden)] * config["num_layers"]
+            + [costs.single_block_params(d, head_dim, hidden)] * config["num_single_layers"])
+
+
+def parameter_count(config: dict) -> int:
+    """Blocks, embedders, the patch embedding, the token refiner's inputs and the output head."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    conditioning = (costs.embedder_params(256, d) * (2 if config.get("guidance_embeds") else 1)
+                    + costs.embedder_params(config["pooled_projection_dim"], d))
+    head = costs.linear_params(d, 2 * d)   # AdaLayerNormContinuous's modulation before the output projection
+    p, pt = config.get("patch_size", 2), config.get("patch_size_t", 1)
+    text = config["text_embed_dim"]
+    return (sum(block_parameter_counts(config)) + conditioning
+            + costs.linear_params(config["in_channels"] * pt * p * p, d)             # the patch-embedding conv
+            # the token refiner's inputs: its timestep and pooled-text embedders, the text projection
+            + costs.embedder_params(256, d) + costs.embedder_params(text, d) + costs.linear_params(text, d)
+            + head + costs.linear_params(d, pt * p * p * config["out_channels"]))
+
+
+SPEC = ModelSpec(
+    name="hunyuan_video",
+    load=HunyuanVideoGenerator.from_pretrained,
+    prompt_encoder=HunyuanPromptEncoder,
+    default_options=option_defaults(HunyuanVideoOptions),
+    sequence_parallel=True,
+    attention_masked=HunyuanVideoGenerator.attention_masked,
+    sliding_tile_attention=True,
+    denoiser_class="HunyuanVideoTransformer3DModel",
+    denoiser_config=HUNYUAN_VIDEO_TRANSFORMER,
+    vae_class="AutoencoderKLHunyuanVideo",
+    vae_config=HUNYUAN_VIDEO_VAE,
+    checkpointed_blocks="each double- and single-stream transformer block",
+    text_tokens=TEXT_TOKENS,
+    denoiser_inputs=denoiser_inputs,
+    latent_numel=latent_numel,
+    cond_bytes=cond_bytes,
+    token_counts=token_counts,
+    forward_flops=forward_flops,
+    parameter_count=parameter_count,
+    block_parameter_counts=block_parameter_counts,
+    attention_layers=costs.joint_attention_layers,
+    bench_recipe="configs/hunyuan_t2v.yaml",
+    tiny_config=TINY_TRANSFORMER,
+    tiny_options=dict(height=64, width=64, frames=5, max_sequence_length=8),
+    tiny_batch=2,
+)

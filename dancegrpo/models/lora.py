@@ -20,11 +20,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .options import CheckedOptions, at_least, greater_than
+
 DEFAULT_TARGET_MODULES = ["to_q", "to_k", "to_v", "to_out.0"]  # the authors' FLUX LoRA script
 
 
 @dataclass
-class LoraOptions:
+class LoraOptions(CheckedOptions):
     rank: int = 64
     alpha: float = 128.0
     target_modules: list[str] = field(default_factory=lambda: list(DEFAULT_TARGET_MODULES))
@@ -32,12 +34,11 @@ class LoraOptions:
     save_merged: bool = True   # also write merged full weights in the diffusers format
     init_from: str = ""        # a peft adapter folder to start from (e.g. a previous run's <denoiser>_lora)
 
-    def validate(self) -> list[str]:
+    prefix = "lora."
+    checks = {"rank": at_least(1), "alpha": greater_than(0)}
+
+    def problems(self) -> list[str]:
         problems = []
-        if self.rank < 1:
-            problems.append(f"lora.rank = {self.rank} must be >= 1")
-        if self.alpha <= 0:
-            problems.append(f"lora.alpha = {self.alpha} must be > 0")
         if not self.target_modules:
             problems.append("lora.target_modules = [] must name at least one module (e.g. to_q, to_k, to_v, to_out.0)")
         if self.dropout != 0:

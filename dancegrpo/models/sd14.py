@@ -9,13 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from .base import Conditioning
 from .checkpoint_layout import Component, read_json
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
+from .options import at_least
+from .spec import ModelSpec, option_defaults
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
 
 @dataclass
@@ -24,11 +29,7 @@ class SD14Options(GeneratorOptions):
     width: int = 512
     cfg_scale: float = 5.0             # the authors' SD config (sample.guidance_scale = 5.0)
 
-    def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.cfg_scale < 1:
-            problems.append(f"cfg_scale = {self.cfg_scale} must be >= 1 (1 = no guidance)")
-        return problems
+    checks = {"cfg_scale": at_least(1, "1 = no guidance")}
 
 
 class SD14Generator(DiffusersGenerator):
@@ -57,10 +58,12 @@ class SD14Generator(DiffusersGenerator):
 
     @classmethod
     def load_denoiser(cls, root: Path) -> UNet2DConditionModel:
+        from diffusers import UNet2DConditionModel
         return UNet2DConditionModel.from_pretrained(str(root), subfolder="unet", torch_dtype=torch.float32)
 
     @classmethod
     def load_vae(cls, root: Path, dtype: torch.dtype) -> AutoencoderKL:
+        from diffusers import AutoencoderKL
         return AutoencoderKL.from_pretrained(str(root), subfolder="vae", torch_dtype=dtype)
 
     def negative_keys(self) -> tuple[str, ...]:
@@ -133,3 +136,58 @@ class SD14PromptEncoder:
             mask = tokens.attention_mask.to(self.device)
         hidden = self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
         return {"prompt_embeds": hidden.to(self.dtype)}
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec: published configs and shapes (memory estimate)
+
+# huggingface.co/CompVis/stable-diffusion-v1-4/blob/main/unet/config.json
+SD14_UNET = dict(
+    act_fn="silu", attention_head_dim=8, block_out_channels=(320, 640, 1280, 1280), center_input_sample=False,
+    cross_attention_dim=768,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    downsample_padding=1, flip_sin_to_cos=True, freq_shift=0, in_channels=4, layers_per_block=2,
+    mid_block_scale_factor=1, norm_eps=1e-5, norm_num_groups=32, out_channels=4, sample_size=64,
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
+# huggingface.co/CompVis/stable-diffusion-v1-4/blob/main/vae/config.json
+SD14_VAE = dict(
+    act_fn="silu", block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+    in_channels=3, latent_channels=4, layers_per_block=2, norm_num_groups=32, out_channels=3, sample_size=512,
+    up_block_types=("UpDecoderBlock2D",) * 4)
+TEXT_TOKENS = 77   # CLIP's padded prompt length (tokenizer.model_max_length)
+
+
+def denoiser_inputs(config: dict, options: dict, rows: int) -> dict:
+    """Random UNet2DConditionModel inputs for `rows` samples at options' height x width (host tensors)."""
+    t = torch.full((rows,), 0.5)
+    return dict(sample=torch.randn(rows, config["in_channels"], options["height"] // 8, options["width"] // 8),
+                timestep=t * 1000, encoder_hidden_states=torch.randn(rows, TEXT_TOKENS, config["cross_attention_dim"]),
+                return_dict=False)
+
+
+def latent_numel(options: dict) -> int:
+    """4 latent channels x (H/8) x (W/8): SD v1's VAE."""
+    return 4 * (options["height"] // 8) * (options["width"] // 8)
+
+
+def cond_bytes(options: dict) -> int:
+    """CLIP's last hidden state (77 x 768) in the fp32 cache, plus the empty prompt's for CFG."""
+    return 2 * TEXT_TOKENS * 768 * 4
+
+
+SPEC = ModelSpec(
+    name="sd14",
+    load=SD14Generator.from_pretrained,
+    prompt_encoder=SD14PromptEncoder,
+    cfg=SD14Generator.needs_empty_prompt,
+    default_options=option_defaults(SD14Options),
+    denoiser_class="UNet2DConditionModel",
+    denoiser_config=SD14_UNET,
+    vae_class="AutoencoderKL",
+    vae_config=SD14_VAE,
+    checkpointed_blocks="each ResNet block and each transformer block of the UNet",
+    text_tokens=TEXT_TOKENS,
+    denoiser_inputs=denoiser_inputs,
+    latent_numel=latent_numel,
+    cond_bytes=cond_bytes,
+)

@@ -15,10 +15,14 @@ from pathlib import Path
 import torch
 
 from ..messages import short_repr
+from . import hunyuan_video
 from .base import Conditioning
 from .checkpoint_layout import Component
 from .hunyuan_video import HunyuanPromptEncoder, HunyuanVideoGenerator, HunyuanVideoOptions
+from .options import at_least
 from .prompt_cache import PromptCache
+from .spec import ModelSpec, option_defaults
+from .transformer_costs import joint_attention_layers
 
 TEXT_KEYS = ("prompt_embeds", "prompt_attention_mask", "pooled_embeds")
 
@@ -31,11 +35,7 @@ class SkyReelsOptions(HunyuanVideoOptions):
     cfg_scale: float = 5.0             # the authors' script (--cfg_infer 5.0)
     guidance_scale: float = 1.0        # embedded guidance: the authors pass 1000.0 = 1.0 x 1000
 
-    def validate(self) -> list[str]:
-        problems = super().validate()
-        if self.cfg_scale < 1:
-            problems.append(f"cfg_scale = {self.cfg_scale} must be >= 1 (1 = no guidance)")
-        return problems
+    checks = {"cfg_scale": at_least(1, "1 = no guidance")}
 
 
 class SkyReelsI2VGenerator(HunyuanVideoGenerator):
@@ -135,3 +135,43 @@ class SkyReelsPromptEncoder(HunyuanPromptEncoder):
             latents.append((posterior.mode() * self.vae.config.scaling_factor)[0].float().cpu())
         out["image_latents"] = torch.stack(latents).to(self.dtype)
         return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The spec: HunyuanVideo's, with 32 input channels, CFG and the image latent in the cache
+
+# huggingface.co/Skywork/SkyReels-V1-Hunyuan-I2V (diffusers transformer/config.json): the HunyuanVideo
+# transformer with 32 input channels (16 video latent + 16 image latent); VAE as HunyuanVideo's.
+SKYREELS_I2V_TRANSFORMER = {**hunyuan_video.HUNYUAN_VIDEO_TRANSFORMER, "in_channels": 32}
+
+
+def cond_bytes(options: dict) -> int:
+    """HunyuanVideo's text conditioning twice (the prompt's and the empty prompt's, for CFG) plus the
+    bf16 image latent (16 x H/8 x W/8)."""
+    return 2 * hunyuan_video.cond_bytes(options) + 16 * (options["height"] // 8) * (options["width"] // 8) * 2
+
+
+SPEC = ModelSpec(
+    name="skyreels_i2v",
+    load=SkyReelsI2VGenerator.from_pretrained,
+    prompt_encoder=SkyReelsPromptEncoder,
+    cfg=SkyReelsI2VGenerator.needs_empty_prompt,
+    default_options=option_defaults(SkyReelsOptions),
+    sequence_parallel=True,
+    attention_masked=SkyReelsI2VGenerator.attention_masked,
+    sliding_tile_attention=True,
+    denoiser_class="HunyuanVideoTransformer3DModel",
+    denoiser_config=SKYREELS_I2V_TRANSFORMER,
+    vae_class="AutoencoderKLHunyuanVideo",
+    vae_config=hunyuan_video.HUNYUAN_VIDEO_VAE,
+    checkpointed_blocks="each double- and single-stream transformer block",
+    text_tokens=hunyuan_video.TEXT_TOKENS,
+    denoiser_inputs=hunyuan_video.denoiser_inputs,
+    latent_numel=hunyuan_video.latent_numel,
+    cond_bytes=cond_bytes,
+    token_counts=hunyuan_video.token_counts,
+    forward_flops=hunyuan_video.forward_flops,
+    parameter_count=hunyuan_video.parameter_count,
+    block_parameter_counts=hunyuan_video.block_parameter_counts,
+    attention_layers=joint_attention_layers,
+)

@@ -21,19 +21,25 @@ mode, `vae/` (AutoencoderKL's save_pretrained format).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors.torch import save_file
 from torch import nn
 
 from ..attention.backends import install_attention_backend
 from ..messages import short_repr, some_of
 from .base import Conditioning
+from .flux_packing import latent_image_ids, pack_latents, unpack_latents
+from .spec import ModelSpec
+
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, FluxTransformer2DModel
 
 EMBEDDED_CHECKPOINT = Path(__file__).resolve().parent.parent / "assets" / "toy_flux"
 
@@ -123,29 +129,6 @@ def pixels_to_latents(images: torch.Tensor) -> torch.Tensor:
 def latents_to_pixels(latents: torch.Tensor) -> torch.Tensor:
     """(B, 12, h, w) -> (B, 3, 2h, 2w) in [0, 1]."""
     return (F.pixel_shuffle(latents.float(), 2) + 1).div(2).clamp(0, 1)
-
-
-# Adapted from diffusers src/diffusers/pipelines/flux/pipeline_flux.py::FluxPipeline._pack_latents (Apache-2.0)
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """FLUX packing: (B, C, h, w) -> (B, h/2 * w/2, 4C), 2x2 patches as tokens."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-# Adapted from diffusers src/diffusers/pipelines/flux/pipeline_flux.py::FluxPipeline._unpack_latents (Apache-2.0)
-def unpack_latents(tokens: torch.Tensor, channels: int, h: int, w: int) -> torch.Tensor:
-    b = tokens.shape[0]
-    x = tokens.view(b, h // 2, w // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, channels, h, w)
-
-
-# Adapted from diffusers src/diffusers/pipelines/flux/pipeline_flux.py::FluxPipeline._prepare_latent_image_ids (Apache-2.0)  # noqa: E501
-def latent_image_ids(h: int, w: int, device=None) -> torch.Tensor:
-    """FLUX image position ids: (h/2 * w/2, 3) holding (0, row, col)."""
-    rows = torch.arange(h // 2, device=device).repeat_interleave(w // 2)
-    cols = torch.arange(w // 2, device=device).repeat(h // 2)
-    return torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).float()
 
 
 class ToyFluxGenerator(nn.Module):
@@ -249,6 +232,8 @@ class ToyFluxGenerator(nn.Module):
                 f"{directory} is not a toy_flux checkpoint: missing {index}. Expected layout: "
                 "model_index.json, transformer/{config.json,diffusion_pytorch_model.safetensors}, "
                 "text_encoder/{config.json,model.safetensors}")
+        from diffusers import AutoencoderKL, FluxTransformer2DModel
+
         from ..io_errors import load_json
         meta = load_json(index, "toy_flux model index")
         transformer = FluxTransformer2DModel.from_pretrained(directory, subfolder="transformer")
@@ -276,6 +261,7 @@ def build_toy_flux(seed: int = 0, image_size: int = 32, transformer_overrides: d
     With a (trained) `vae` the flow works in its latent space, and the transformer's in/out
     channels follow from the VAE's latent channels unless overridden.
     """
+    from diffusers import FluxTransformer2DModel
     torch.manual_seed(seed)
     config = dict(DEFAULT_TRANSFORMER_CONFIG)
     if vae is not None:
@@ -283,3 +269,16 @@ def build_toy_flux(seed: int = 0, image_size: int = 32, transformer_overrides: d
     transformer = FluxTransformer2DModel(**{**config, **(transformer_overrides or {})})
     text_encoder = ToyTextEncoder(**{**DEFAULT_TEXT_CONFIG, **(text_overrides or {})})
     return ToyFluxGenerator(transformer, text_encoder, image_size=image_size, output_size=output_size, vae=vae)
+
+
+def _load(path: str, options: dict) -> ToyFluxGenerator:
+    return ToyFluxGenerator.from_pretrained(path, **options)
+
+
+_LOADER_OPTIONS = inspect.signature(ToyFluxGenerator.from_pretrained).parameters
+
+SPEC = ModelSpec(
+    name="toy_flux",
+    load=_load,
+    default_options={name: p.default for name, p in _LOADER_OPTIONS.items() if name != "directory"},
+)

@@ -128,16 +128,22 @@ def verify_local_checkpoint(ckpt: Path) -> dict[str, Any]:
     if version != LOCAL_FORMAT_VERSION:
         raise CheckpointError(f"{path} has format version {version}; this dancegrpo reads "
                               f"version {LOCAL_FORMAT_VERSION}")
-    for name, meta in state["files"].items():
+    check_listed_files(ckpt, {name: (meta["size"], meta["sha256"]) for name, meta in state["files"].items()})
+    return state
+
+
+def check_listed_files(ckpt: Path, files: dict[str, tuple[int, str | None]]) -> None:
+    """Every file a manifest lists (name -> (size in bytes, SHA-256 or None)) exists with that
+    size (and hash). Raises CheckpointError naming the first file that does not."""
+    for name, (expected, digest) in files.items():
         file = ckpt / name
         if not file.is_file():
             raise CheckpointError(f"{file} is missing")
         size = file.stat().st_size
-        if size != meta["size"]:
-            raise CheckpointError(f"{file} is corrupted: size {size} bytes, expected {meta['size']}")
-        if sha256_of(file) != meta["sha256"]:
+        if size != expected:
+            raise CheckpointError(f"{file} is corrupted: size {size} bytes, expected {expected}")
+        if digest is not None and sha256_of(file) != digest:
             raise CheckpointError(f"{file} is corrupted: SHA-256 does not match the manifest")
-    return state
 
 
 def verify_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
@@ -150,12 +156,7 @@ def verify_sharded_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if meta.get("format") != SHARDED_FORMAT:
         raise CheckpointError(f"{meta_path} has format {meta.get('format')!r}; this dancegrpo reads "
                               f"{SHARDED_FORMAT!r}")
-    for name, size in meta["files"].items():
-        file = ckpt / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing")
-        if file.stat().st_size != size:
-            raise CheckpointError(f"{file} is corrupted: size {file.stat().st_size} bytes, expected {size}")
+    check_listed_files(ckpt, {name: (size, None) for name, size in meta["files"].items()})
     return meta
 
 

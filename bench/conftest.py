@@ -6,7 +6,6 @@ so the columns compare directly). DANCEGRPO_BENCH_SHORT=1 keeps to small sizes a
 """
 from __future__ import annotations
 
-import csv
 import os
 import sys
 from pathlib import Path

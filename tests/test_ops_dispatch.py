@@ -9,7 +9,7 @@ import torch
 
 from dancegrpo import grpo, ops
 from dancegrpo.ops import backends, extension
-from ops_helpers import backends_under_test, flow_case
+from ops_helpers import backends_under_test
 
 CPU = torch.device("cpu")
 COMPILED_BACKENDS = [b for b in backends_under_test() if b in ("torch", "cpp")]

@@ -9,7 +9,6 @@ gradient the trainer leaves on its parameters.
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import pytest

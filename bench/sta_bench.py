@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.machine import RESULTS, commit, device_name, today  # noqa: E402
-from dancegrpo.attention.sta import STAFunction, _flex, kernel_plan  # noqa: E402
+from dancegrpo.attention.sta import STAFunction, flex_sta_attention, kernel_plan  # noqa: E402
 from dancegrpo.attention.sta_mask import resolve_tile, sta_reference  # noqa: E402
 
 FULL_SIZES = ["14x30x30", "30x48x80"]
@@ -100,7 +100,7 @@ def run_case(canvas, window, tile, args, device, dtype) -> list[dict]:
                                   True)
     # flex_attention on a CPU has no backward and refuses inputs that require grad
     flex_inputs = packed if device.type == "cuda" else [x.detach() for x in packed]
-    backends["flex"] = (lambda: _flex(*flex_inputs, plan, key_bias, scale, all_text_valid=True), flex_inputs,
+    backends["flex"] = (lambda: flex_sta_attention(*flex_inputs, plan, key_bias, scale, all_text_valid=True), flex_inputs,
                         pairs_sparse, device.type == "cuda")
     mask_bytes = n_real ** 2 * (heads if plan.block_mask.shape[0] > 1 else 1)
     if mask_bytes <= MASK_BYTES_LIMIT:

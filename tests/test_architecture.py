@@ -27,7 +27,8 @@ def test_the_cycle_check_finds_a_cycle(tmp_path):
     assert first_cycle({"a": {"b"}, "b": set()}) is None
 
 
-@pytest.mark.parametrize("path", [str(p.relative_to(REPO)) for p in SOURCES if str(p.relative_to(REPO)) not in PURE_MATH])
+@pytest.mark.parametrize("path", [str(p.relative_to(REPO)) for p in SOURCES
+                                  if str(p.relative_to(REPO)) not in PURE_MATH])
 def test_modules_stay_small(path):
     lines = len((REPO / path).read_text().splitlines())
     assert lines <= MAX_LINES, f"{path} has {lines} lines: split it by job (at most {MAX_LINES} outside pure math)"
@@ -48,3 +49,12 @@ def test_evaluation_and_the_bench_tools_never_build_a_trainer():
     users = set(_importers_of("dancegrpo.trainer", files)) - {"dancegrpo.trainer"}
     assert users <= trains, f"these build a Trainer: {sorted(users - trains)}"
     assert not {u for u in users if u.startswith("dancegrpo.eval")}
+
+
+def test_no_private_name_crosses_a_module_boundary():
+    """A name another module needs is public and documented, not `_private`."""
+    files = SOURCES + sorted((REPO / "bench").rglob("*.py"))
+    crossing = [f"{f.relative_to(REPO)}: {sorted(n for n in names if n.startswith('_') and not n.startswith('__'))} "
+                f"from {module}" for f in files for module, names in imports(f)
+                if module.startswith("dancegrpo") and any(n.startswith("_") and not n.startswith("__") for n in names)]
+    assert not crossing, "\n".join(crossing)

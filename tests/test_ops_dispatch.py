@@ -124,7 +124,7 @@ def test_sta_attention_runs_the_backend_the_rule_picks(monkeypatch):
     """The env var, then set_default_backend, choose what sta_attention runs; its results agree."""
     from dancegrpo.attention import sta
     ran = []
-    for name in ("_flex", "sta_reference"):
+    for name in ("flex_sta_attention", "sta_reference"):
         original = getattr(sta, name)
         monkeypatch.setattr(sta, name, lambda *a, _f=original, _n=name, **k: (ran.append(_n), _f(*a, **k))[1])
     gen = torch.Generator().manual_seed(3)
@@ -138,7 +138,7 @@ def test_sta_attention_runs_the_backend_the_rule_picks(monkeypatch):
     outs["torch"] = sta.sta_attention(*args)
     ops.set_default_backend(None)
     outs["auto"] = sta.sta_attention(*args)                   # auto on CPU: torch
-    assert ran == ["_flex", "sta_reference", "sta_reference"]
+    assert ran == ["flex_sta_attention", "sta_reference", "sta_reference"]
     torch.testing.assert_close(outs["flex"], outs["torch"], atol=1e-5, rtol=1e-5)
     with pytest.raises(RuntimeError, match=r"ops backend 'cpp' \(from the backend argument\) cannot run "
                                            r"sliding-tile attention here"):

@@ -248,7 +248,7 @@ def flex_block_mask(plan: KernelPlan, key_bias: torch.Tensor, all_text_valid: bo
                                     mask_mod=sta_mask_mod, seq_lengths=(n, n))
 
 
-def _flex(q, k, v, plan: KernelPlan, key_bias: torch.Tensor, scale: float, all_text_valid: bool = False
+def flex_sta_attention(q, k, v, plan: KernelPlan, key_bias: torch.Tensor, scale: float, all_text_valid: bool = False
           ) -> torch.Tensor:
     """flex_attention on packed (B, H, N, D) tensors with the plan's BlockMask.
 
@@ -309,7 +309,7 @@ def sta_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, canvas, win
     key_bias = plan.key_bias(text_valid, q.shape[0], q.device)
     packed = [plan.pack(x) for x in (q, k, v)]
     if backend == "flex":
-        out = _flex(*packed, plan, key_bias, scale, all_text_valid=text_valid is None)
+        out = flex_sta_attention(*packed, plan, key_bias, scale, all_text_valid=text_valid is None)
     else:
         out = STAFunction.apply(*packed, key_bias, plan, scale)
     return plan.unpack(out)

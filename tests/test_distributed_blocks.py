@@ -11,7 +11,7 @@ import re
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel, UNet2DConditionModel
+from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel, UNet2DConditionModel, WanTransformer3DModel
 
 from dancegrpo.distributed.blocks import (
     apply_activation_checkpointing,
@@ -29,6 +29,8 @@ FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=3, att
 HUNYUAN = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=2,
                num_single_layers=2, num_refiner_layers=2, patch_size=2, patch_size_t=1, text_embed_dim=32,
                pooled_projection_dim=32, rope_axes_dim=(2, 2, 4), guidance_embeds=True)
+WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+           text_dim=16, freq_dim=8, ffn_dim=32, num_layers=3, rope_max_seq_len=32)
 SD14 = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
             norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -38,7 +40,7 @@ SD14 = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, bl
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     cls, config = {"flux": (FluxTransformer2DModel, FLUX), "hunyuan": (HunyuanVideoTransformer3DModel, HUNYUAN),
-                   "sd14": (UNet2DConditionModel, SD14)}[name]
+                   "wan": (WanTransformer3DModel, WAN), "sd14": (UNet2DConditionModel, SD14)}[name]
     return cls(**config).train()
 
 
@@ -56,6 +58,9 @@ def inputs(name: str) -> dict:
                     encoder_hidden_states=torch.randn(2, 4, 32, generator=g), encoder_attention_mask=mask,
                     pooled_projections=torch.randn(2, 32, generator=g), guidance=torch.full((2,), 1000.0),
                     return_dict=False)
+    if name == "wan":
+        return dict(hidden_states=torch.randn(2, 4, 2, 4, 4, generator=g), timestep=torch.tensor([300.0, 700.0]),
+                    encoder_hidden_states=torch.randn(2, 5, 16, generator=g), return_dict=False)
     return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10.0, 500.0]),
                 encoder_hidden_states=torch.randn(2, 3, 32, generator=g), return_dict=False)
 
@@ -102,6 +107,11 @@ def test_blocks_are_the_units_diffusers_checkpoints():
     assert [id(m) for m in blocks[refiners:]] == [id(m) for m in called]   # + the text token refiner's blocks
     assert blocks[:refiners] == list(copied.context_embedder.token_refiner.refiner_blocks)
 
+    wan = build("wan")
+    called, copied = record_diffusers_checkpointed(wan, "wan")
+    assert [id(m) for m in transformer_blocks(copied)] == [id(m) for m in called]
+    assert len(called) == WAN["num_layers"]
+
 
 def test_unet_blocks_cover_every_resnet_and_attention_once_and_contain_what_diffusers_checkpoints():
     unet = build("sd14")
@@ -117,7 +127,7 @@ def test_unet_blocks_cover_every_resnet_and_attention_once_and_contain_what_diff
         assert len(owners) == 1, names[id(module)]
 
 
-@pytest.mark.parametrize("name", ["flux", "hunyuan"])
+@pytest.mark.parametrize("name", ["flux", "hunyuan", "wan"])
 @pytest.mark.parametrize("mode,every_n", [("none", 1), ("full", 1), ("selective", 1), ("full", 2), ("selective", 3)])
 def test_checkpointing_gives_the_unwrapped_output_and_gradients(name, mode, every_n):
     reference = build(name)
@@ -295,10 +305,7 @@ def _sequence_parallel_worker(rank: int, port: int, world: int) -> None:
 
 
 def test_checkpointing_under_sequence_parallelism_and_fsdp_equals_single_process():
-    import socket
-
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    mp.spawn(_sequence_parallel_worker, args=(port, 2), nprocs=2, join=True)
+
+    from gloo_helpers import free_port
+    mp.spawn(_sequence_parallel_worker, args=(free_port(), 2), nprocs=2, join=True)

@@ -9,7 +9,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,15 +19,10 @@ import yaml
 from dancegrpo.checkpoint import list_checkpoints
 from dancegrpo.models import load_model
 from dancegrpo.trainer import Trainer
+from gloo_helpers import free_port
 
 WORLD = 2
 TESTS = Path(__file__).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_killed_rank_restarts_from_last_checkpoint_and_finishes(tiny_config, tmp_path):
@@ -43,7 +37,7 @@ def test_killed_rank_restarts_from_last_checkpoint_and_finishes(tiny_config, tmp
     env = dict(os.environ, DANCEGRPO_TEST_CRASH="1:2", OMP_NUM_THREADS="1",
                PYTHONPATH=os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--max-restarts", "1",
-               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{_free_port()}",
+               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
                "-m", "dancegrpo.cli", "train", "--config", str(config_path), "--resume-or-start", "--no-progress"]
     # Its own session, so that on a timeout the whole job (launcher and workers) is ended together.
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -34,14 +33,9 @@ from dancegrpo.distributed.data_parallel import DataParallel
 from dancegrpo.models import load_model, repeat_cond
 from dancegrpo.rollout import Rollout
 from dancegrpo.trainer import Trainer
+from gloo_helpers import free_port
 
 WORLD = 2  # ranks, unless a case says otherwise (HSDP needs 2 x 2)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _full(value) -> torch.Tensor:
@@ -154,7 +148,7 @@ def test_data_parallel_step_equals_single_process_step(tiny_config, tmp_path, re
     first.step()
     start = str(first.save())
 
-    mp.spawn(_worker, args=(_free_port(), cfg, str(tmp_path), start, world), nprocs=world, join=True)
+    mp.spawn(_worker, args=(free_port(), cfg, str(tmp_path), start, world), nprocs=world, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
     reference = Trainer(single)
@@ -291,7 +285,7 @@ def test_best_of_n_with_spread_groups_keeps_what_one_process_keeps(tiny_config, 
     cfg = _config(tiny_config, "spread", fsdp=True)
     cfg["grpo"]["best_of_n_keep"] = 1
     cfg["trainer"]["micro_batch_size"] = 2
-    mp.spawn(_best_of_n_worker, args=(_free_port(), cfg, str(tmp_path), WORLD), nprocs=WORLD, join=True)
+    mp.spawn(_best_of_n_worker, args=(free_port(), cfg, str(tmp_path), WORLD), nprocs=WORLD, join=True)
     ranks = [torch.load(tmp_path / f"bon{r}.pt", weights_only=False) for r in range(WORLD)]
 
     single = copy.deepcopy(cfg)

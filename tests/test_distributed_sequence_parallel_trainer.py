@@ -5,7 +5,6 @@ step is self-consistent (see the test)."""
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.distributed as dist
@@ -14,15 +13,10 @@ import pytest
 
 from dancegrpo.cli import main
 from dancegrpo.trainer import Trainer
+from gloo_helpers import free_port
 from tiny_models import PROMPTS, brightness, build_hunyuan_video, trainer_config, write_prompts
 
 WORLD = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, port: int, config: dict, out_dir: str, world: int) -> None:
@@ -61,7 +55,7 @@ def test_sequence_parallel_step_equals_single_process_step(tmp_path, world, para
     config = trainer_config(tmp_path / "run", "hunyuan_video", ckpt, options)
     config["grpo"]["tau"] = 1.0
 
-    mp.spawn(_worker, args=(_free_port(), {**config, "parallel": parallel}, str(tmp_path), world),
+    mp.spawn(_worker, args=(free_port(), {**config, "parallel": parallel}, str(tmp_path), world),
              nprocs=world, join=True)
     saved = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(world)]
     if world > parallel["sp_size"]:

@@ -82,6 +82,8 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
       then single_transformer_blocks.
     - HunyuanVideoTransformer3DModel (HunyuanVideo, SkyReels-I2V): the token refiner's blocks
       (text only, 2 in the release), transformer_blocks (double stream), single_transformer_blocks.
+    - WanTransformer3DModel (Wan 2.1 / 2.2, text- and image-to-video): `blocks`, the units diffusers'
+      gradient checkpointing wraps (self-attention, cross-attention and feed-forward each).
     - UNet2DConditionModel (SD v1.4): each ResNet block and each attention (Transformer2DModel)
       block of the down, mid and up stages, as diffusers' own gradient checkpointing wraps them.
     """
@@ -94,10 +96,13 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
         if cls.__name__ in ("HunyuanVideoTransformer3DModel", "HunyuanSkyreelsImageToVideoTransformer3DModel"):
             refiner = inner.context_embedder.token_refiner.refiner_blocks
             return list(refiner) + list(inner.transformer_blocks) + list(inner.single_transformer_blocks)
+        if cls.__name__ == "WanTransformer3DModel":
+            return list(inner.blocks)
         if cls.__name__ == "UNet2DConditionModel":
             return _unet_blocks(inner)
     raise ValueError(f"transformer_blocks: {name} is not a denoiser whose blocks are known (known: "
-                     f"FluxTransformer2DModel, HunyuanVideoTransformer3DModel, UNet2DConditionModel); "
+                     f"FluxTransformer2DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel, "
+                     f"UNet2DConditionModel); "
                      f"add its block lists to dancegrpo/distributed/blocks.py")
 
 

@@ -6,8 +6,9 @@ parallelism, FSDP2 and HSDP, activation checkpointing, compiled blocks, Ulysses 
 sliding-tile attention, with FSDP), a full fine-tune or LoRA under any of them, a KL term and an
 EMA. What cannot, refused here:
 
-- `parallel.sp_size > 1` with a model other than HunyuanVideo / SkyReels-I2V: Ulysses shards
-  video tokens and is implemented for HunyuanVideoTransformer3DModel only (image models scale
+- `parallel.sp_size > 1` with a model whose ModelSpec does not set `sequence_parallel`: Ulysses
+  shards video tokens and is implemented for HunyuanVideoTransformer3DModel and
+  WanTransformer3DModel only (`parallelize.SEQUENCE_PARALLEL_INSTALLERS`; image models scale
   with data parallelism and FSDP);
 - `model.options.gradient_checkpointing: true` with `parallel.activation_checkpointing` other
   than `none`: both checkpoint the same blocks, which would be recomputed twice.

@@ -20,7 +20,6 @@ all-reduce (sum) the gradients over the group (see `ulysses.py` for why).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -29,8 +28,8 @@ from torch import nn
 from torch.distributed import ProcessGroup
 
 from ..attention.hunyuan_processor import project_added_qkv, project_qkv
-from .ulysses import (check_heads_divisible, gather_heads, gather_sequence, group_rank, group_size,
-                      heads_to_sequence, sequence_to_heads, shard_sequence)
+from .ulysses import (TokenPadding, UlyssesHandle, check_heads_divisible, gather_heads, gather_sequence, group_rank,
+                      group_size, heads_to_sequence, pad_rows, sequence_to_heads, shard_sequence)
 
 # attend(q, k, v, text_valid) on (B, heads, video + text, D); text_valid (B, text) marks real text keys.
 # When the video tokens were padded to a multiple of sp it is also given video_len= (the real count).
@@ -48,26 +47,6 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text_vali
     video = video.expand(q.shape[0], padded_video)
     parts = [video] if text_valid is None else [video, text_valid.to(device=q.device, dtype=torch.bool)]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.cat(parts, 1)[:, None, None, :])
-
-
-@dataclass
-class TokenPadding:
-    """Video tokens of the current call: the real count and the padding up to a multiple of sp."""
-
-    video_len: int = 0
-    pad: int = 0
-
-    def plan(self, video_len: int, sp: int) -> int:
-        self.video_len, self.pad = video_len, (-video_len) % sp
-        return self.pad
-
-
-def _pad_rows(x: torch.Tensor, dim: int, pad: int, value: float = 0.0) -> torch.Tensor:
-    if pad == 0:
-        return x
-    shape = list(x.shape)
-    shape[dim] = pad
-    return torch.cat([x, x.new_full(shape, value)], dim)
 
 
 class UlyssesHunyuanAttnProcessor:
@@ -116,22 +95,6 @@ class UlyssesHunyuanAttnProcessor:
         return video_out, text_out
 
 
-@dataclass
-class UlyssesHandle:
-    """What `install_ulysses` changed; `remove()` restores the single-process transformer."""
-
-    transformer: nn.Module
-    previous_processors: dict = field(default_factory=dict)
-    hooks: list = field(default_factory=list)
-
-    def remove(self) -> None:
-        for hook in self.hooks:
-            hook.remove()
-        self.transformer.set_attn_processor(self.previous_processors)
-        self.hooks.clear()
-        self.transformer._ulysses_installed = False
-
-
 def install_ulysses(transformer: nn.Module, group: ProcessGroup | None, attend: AttendFn = dense_attention,
                     attend_for_layer: Callable[[int], AttendFn] | None = None) -> UlyssesHandle:
     """Shard a HunyuanVideoTransformer3DModel's video tokens over the sequence-parallel `group`.
@@ -162,14 +125,14 @@ def install_ulysses(transformer: nn.Module, group: ProcessGroup | None, attend: 
     # The transformer calls rope before x_embedder, so the rope hook plans the padding of the call.
     def shard_rope(module, args, output):  # (cos, sin), each (N, D/2): the same token slice
         pad = padding.plan(output[0].shape[0], sp)
-        return tuple(shard_sequence(_pad_rows(table, 0, pad, fill), group, dim=0)
+        return tuple(shard_sequence(pad_rows(table, 0, pad, fill), group, dim=0)
                      for table, fill in zip(output, (1.0, 0.0)))  # padded rows: the identity rotation
 
     def shard_tokens(module, args, output):  # (B, N, C) -> (B, N/sp, C)
         if output.shape[1] != padding.video_len:
             raise RuntimeError(f"patch embedding gave {output.shape[1]} tokens but the RoPE table "
                                f"{padding.video_len}: the transformer's forward is not the one install_ulysses expects")
-        return shard_sequence(_pad_rows(output, 1, padding.pad), group, dim=1)
+        return shard_sequence(pad_rows(output, 1, padding.pad), group, dim=1)
 
     def gather_tokens(module, args, output):  # (B, N/sp, C) -> (B, N, C) before the unpatchify
         return gather_sequence(output, group, dim=1)[:, :padding.video_len]

@@ -68,12 +68,37 @@ def parallelize_denoiser(adapter, trainable: nn.Module, par: ParallelConfig, mes
     return result
 
 
-def _install_sequence_parallel(adapter, denoiser: nn.Module, group):
-    """Ulysses on the denoiser; sliding-tile attention, if the adapter has it, keeps running inside
-    (per-head windows cut to this rank's heads; its controller keeps the trainer's step schedule)."""
-    from .hunyuan_ulysses import install_ulysses
-    sta = getattr(adapter, "sta", None)
+def _hunyuan_ulysses(denoiser: nn.Module, group, sta):
     if sta is None:
+        from .hunyuan_ulysses import install_ulysses
         return install_ulysses(denoiser, group)
     from .ulysses_sta import install_ulysses_around_sta
     return install_ulysses_around_sta(denoiser, group, sta)
+
+
+def _wan_ulysses(denoiser: nn.Module, group, sta):
+    if sta is not None:
+        raise ValueError("sliding-tile attention inside Ulysses exists for HunyuanVideo's transformer only: "
+                         "turn model.options.sta off or use sp_size 1 for this Wan model")
+    from .wan_ulysses import install_ulysses
+    return install_ulysses(denoiser, group)
+
+
+#: The Ulysses installer of each denoiser class: installer(denoiser, group, sta controller or None) -> handle.
+SEQUENCE_PARALLEL_INSTALLERS = {
+    "HunyuanVideoTransformer3DModel": _hunyuan_ulysses,
+    "HunyuanSkyreelsImageToVideoTransformer3DModel": _hunyuan_ulysses,
+    "WanTransformer3DModel": _wan_ulysses,
+}
+
+
+def _install_sequence_parallel(adapter, denoiser: nn.Module, group):
+    """Ulysses on the denoiser, by its class (`SEQUENCE_PARALLEL_INSTALLERS`, looked up through the
+    class's bases); sliding-tile attention, if the adapter has it, keeps running inside (HunyuanVideo:
+    per-head windows cut to this rank's heads; its controller keeps the trainer's step schedule)."""
+    for cls in type(denoiser).__mro__:
+        installer = SEQUENCE_PARALLEL_INSTALLERS.get(cls.__name__)
+        if installer is not None:
+            return installer(denoiser, group, getattr(adapter, "sta", None))
+    raise ValueError(f"parallel.sp_size > 1: no Ulysses sequence parallelism for {type(denoiser).__name__} "
+                     f"(known: {', '.join(SEQUENCE_PARALLEL_INSTALLERS)}); use sp_size 1")

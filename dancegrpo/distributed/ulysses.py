@@ -15,8 +15,11 @@ the collectives are queued without a device synchronisation.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed import ProcessGroup
 
 
@@ -137,3 +140,40 @@ def gather_sequence(x: torch.Tensor, group: ProcessGroup | None, dim: int = 1) -
     if group_size(group) == 1:
         return x
     return _GatherReplicatedLoss.apply(x, dim, group)
+
+
+@dataclass
+class TokenPadding:
+    """Video tokens of the current call: the real count and the padding up to a multiple of sp."""
+
+    video_len: int = 0
+    pad: int = 0
+
+    def plan(self, video_len: int, sp: int) -> int:
+        self.video_len, self.pad = video_len, (-video_len) % sp
+        return self.pad
+
+
+def pad_rows(x: torch.Tensor, dim: int, pad: int, value: float = 0.0) -> torch.Tensor:
+    """`x` with `pad` entries of `value` appended along `dim` (x itself when pad is 0)."""
+    if pad == 0:
+        return x
+    shape = list(x.shape)
+    shape[dim] = pad
+    return torch.cat([x, x.new_full(shape, value)], dim)
+
+
+@dataclass
+class UlyssesHandle:
+    """What an `install_ulysses` changed; `remove()` restores the single-process transformer."""
+
+    transformer: nn.Module
+    previous_processors: dict = field(default_factory=dict)
+    hooks: list = field(default_factory=list)
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+        self.transformer.set_attn_processor(self.previous_processors)
+        self.hooks.clear()
+        self.transformer._ulysses_installed = False

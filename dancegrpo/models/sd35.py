@@ -76,7 +76,8 @@ class SD35Generator(DiffusersGenerator):
             if over:
                 raise ValueError(f"model 'sd35': {' and '.join(over)} exceeds the transformer's positional "
                                  f"embedding of {limit} x {limit} patches (pos_embed_max_size in "
-                                 f"{root / 'transformer' / 'config.json'}); use at most {limit * factor * patch} pixels")
+                                 f"{root / 'transformer' / 'config.json'}); use at most "
+                                 f"{limit * factor * patch} pixels")
         path = root / "scheduler" / "scheduler_config.json"
         if read_json(path).get("use_dynamic_shifting", False):
             raise ValueError(f"sd35: {path} sets use_dynamic_shifting = true (a resolution-dependent shift); the "

@@ -18,6 +18,7 @@ from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
 from adapter_tester import AdapterTesterMixin
 from dancegrpo.cli import main
 from dancegrpo.config import load_config
+from dancegrpo.config.checks import trainable_step_count, trained_step_count
 from dancegrpo.memory_estimate import count_diffusers_parameters
 from dancegrpo.metrics import read_metrics
 from dancegrpo.models import load_model
@@ -133,3 +134,14 @@ def test_spec_configs_build_the_published_models():
     large = count_diffusers_parameters("SD3Transformer2DModel", SD35_LARGE_TRANSFORMER)
     assert round(large / 1e9, 1) == 8.1, large
     assert 2e9 < medium < large / 3, medium
+
+
+def test_recipe_trains_flow_grpos_steps_and_updates():
+    """Flow-GRPO (train_sd3.py) trains steps j = 0 .. int(10 * 0.99) - 1 = 0 .. 8 of every sample and
+    steps the optimizer twice per epoch (each GPU: 4 batches of 9 samples, accumulation 2): the recipe
+    picks 9 steps of 10, never the last, and 2 updates."""
+    cfg = load_config(str(RECIPE))
+    assert int(10 * 0.99) == 9 == trained_step_count(trainable_step_count(cfg), cfg.grpo.tau, cfg.grpo.tau_rounding)
+    per_gpu_samples, flow_grpo_batch, accumulation = 9 * 4, 9, 4 // 2
+    assert cfg.trainer.updates_per_iteration == per_gpu_samples // (flow_grpo_batch * accumulation)
+    assert cfg.grpo.prompts_per_iteration * cfg.grpo.group_size == 32 * per_gpu_samples

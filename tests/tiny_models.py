@@ -173,3 +173,33 @@ def write_images(folder: Path, prompts: list[str], size=(40, 28)) -> Path:
     path = folder / "prompts.jsonl"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def build_sd35(root: Path, seed: int = 0) -> Path:
+    """Stable Diffusion 3.5 layout: two CLIPs with projection (of different widths, so their
+    concatenation and the padding to T5's width are both exercised) + T5, a 4-channel VAE of
+    factor 2 with SD3.5's scaling and shift factors, an MMDiT with one dual-attention block and
+    RMS QK-norm as SD3.5, and the flow-matching scheduler with SD3.5's static shift 3.0."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    torch.manual_seed(seed)
+
+    def clip(hidden):
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=128, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
+            num_attention_heads=2, max_position_embeddings=77, projection_dim=hidden, bos_token_id=0,
+            eos_token_id=1, pad_token_id=1))
+
+    transformer = SD3Transformer2DModel(
+        sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8,
+        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=48,
+        pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+    t5 = T5EncoderModel(T5Config(vocab_size=128, d_model=64, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                 decoder_start_token_id=0, pad_token_id=0, eos_token_id=1))
+    vae = tiny_vae(4, scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=vae,
+        text_encoder=clip(32), tokenizer=clip_tokenizer(), text_encoder_2=clip(16), tokenizer_2=clip_tokenizer(),
+        text_encoder_3=t5, tokenizer_3=t5_tokenizer())
+    pipe.save_pretrained(str(root))
+    return root

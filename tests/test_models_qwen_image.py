@@ -158,8 +158,8 @@ class TestQwenImage(AdapterTesterMixin):
         for tokens, steps in ((1024, 10), (24, 3)):
             assert exponential_shift(tokens) == pytest.approx(pipeline_shift(tokens), rel=1e-12)
             scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), mu=math.log(pipeline_shift(tokens)))
-            torch.testing.assert_close(scheduler.sigmas.double(), flow_sigmas(steps, exponential_shift(tokens)).double(),
-                                       rtol=0, atol=1e-6)
+            expected = flow_sigmas(steps, exponential_shift(tokens)).double()
+            torch.testing.assert_close(scheduler.sigmas.double(), expected, rtol=0, atol=1e-6)
         assert exponential_shift(1024) == pytest.approx(1.7138, abs=1e-4)  # exp(0.5 + 0.4 * 768 / 7936)
         recipe = yaml.safe_load(RECIPE.read_text())
         tokens = (recipe["model"]["options"]["height"] // 16) * (recipe["model"]["options"]["width"] // 16)
@@ -200,6 +200,22 @@ class TestQwenImage(AdapterTesterMixin):
             (root / "transformer" / "diffusion_pytorch_model.safetensors").write_bytes(b"not read")
             with pytest.raises(ValueError, match=message):
                 load_model(self.model, str(root), self.options(tiny))
+
+    def test_spec_shapes(self):
+        """The memory estimate's view of the model: its denoiser inputs drive the real class (tiny
+        config here), and the sizes are the hand counts at the recipe's 512 x 512."""
+        from dancegrpo.models import get_model_spec
+        spec = get_model_spec(self.model)
+        config = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8,
+                      num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(2, 2, 4))
+        inputs = spec.denoiser_inputs(config, {"height": 64, "width": 32, "max_sequence_length": 8}, 3)
+        with torch.no_grad():
+            out = QwenImageTransformer2DModel(**config)(**inputs)[0]
+        assert out.shape == (3, 4 * 2, 16)   # (64/16) x (32/16) packed tokens of 4 x 4 channels
+        options = {"height": 512, "width": 512}
+        assert spec.latent_numel(options) == 16 * 64 * 64
+        assert spec.cond_bytes(options) == 2 * 512 * (3584 * 2 + 8)   # bf16 text + int64 mask, prompt and negative
+        assert spec.default_options["cfg_scale"] == 4.0 and spec.cfg and spec.attention_masked
 
     def test_the_recipe_trains_one_iteration_through_the_command_line(self, tiny, tmp_path):
         """configs/qwen_image.yaml as it is (LoRA on the recipe's modules, Flow-GRPO's SDE on a window,

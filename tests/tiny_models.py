@@ -230,6 +230,7 @@ def build_qwen_image(root: Path, seed: int = 0) -> Path:
     transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
                                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
                                               axes_dims_rope=(2, 2, 4))
-    QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=vae,
-                      text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer).save_pretrained(str(root))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=vae,
+                             text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(str(root))
     return root

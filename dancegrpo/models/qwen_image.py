@@ -108,7 +108,8 @@ class QwenImageGenerator(DiffusersGenerator):
     @classmethod
     def load_denoiser(cls, root: Path) -> QwenImageTransformer2DModel:
         from diffusers import QwenImageTransformer2DModel
-        return QwenImageTransformer2DModel.from_pretrained(str(root), subfolder="transformer", torch_dtype=torch.float32)
+        return QwenImageTransformer2DModel.from_pretrained(str(root), subfolder="transformer",
+                                                           torch_dtype=torch.float32)
 
     @classmethod
     def load_vae(cls, root: Path, dtype: torch.dtype) -> AutoencoderKLQwenImage:
@@ -245,18 +246,19 @@ class QwenImagePromptEncoder:
 # ---------------------------------------------------------------------------------------------
 # The spec: published configs and shapes (memory estimate)
 
-# huggingface.co/Qwen/Qwen-Image/blob/main/transformer/config.json (pooled_projection_dim, unused by the class, left out)
+# huggingface.co/Qwen/Qwen-Image/blob/main/transformer/config.json (its pooled_projection_dim, which the class
+# does not take, left out)
 QWEN_IMAGE_TRANSFORMER = dict(
     attention_head_dim=128, axes_dims_rope=(16, 56, 56), guidance_embeds=False, in_channels=64,
     joint_attention_dim=3584, num_attention_heads=24, num_layers=60, out_channels=16, patch_size=2)
 # huggingface.co/Qwen/Qwen-Image/blob/main/vae/config.json
-QWEN_IMAGE_VAE = dict(
-    attn_scales=(), base_dim=96, dim_mult=(1, 2, 4, 4), dropout=0.0, num_res_blocks=2,
-    temperal_downsample=(False, True, True), z_dim=16,
-    latents_mean=(-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
-                  -0.3632, -0.1922, -0.9497, 0.2503, -0.2921),
-    latents_std=(2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
-                 1.6382, 1.1253, 2.8251, 1.916))
+QWEN_IMAGE_VAE = dict(   # lists, as config.json gives them (the class concatenates dim_mult to a list)
+    attn_scales=[], base_dim=96, dim_mult=[1, 2, 4, 4], dropout=0.0, num_res_blocks=2,
+    temperal_downsample=[False, True, True], z_dim=16,
+    latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134, -0.0715, 0.5517,
+                  -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+    latents_std=[2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526, 2.8652, 1.5579,
+                 1.6382, 1.1253, 2.8251, 1.916])
 TEXT_TOKENS = 512    # the text sequence of the prompt cache (QwenImagePromptEncoder's max_sequence_length)
 TEXT_WIDTH = 3584    # Qwen2.5-VL-7B's hidden size (the transformer's joint_attention_dim)
 

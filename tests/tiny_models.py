@@ -203,3 +203,64 @@ def build_sd35(root: Path, seed: int = 0) -> Path:
         text_encoder_3=t5, tokenizer_3=t5_tokenizer())
     pipe.save_pretrained(str(root))
     return root
+
+
+# Qwen/Qwen-Image scheduler/scheduler_config.json (exponential time shift from the image's token count).
+QWEN_IMAGE_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, invert_sigmas=False, max_image_seq_len=8192,
+                            max_shift=0.9, num_train_timesteps=1000, shift=1.0, shift_terminal=0.02,
+                            stochastic_sampling=False, time_shift_type="exponential", use_beta_sigmas=False,
+                            use_dynamic_shifting=True, use_exponential_sigmas=False, use_karras_sigmas=False)
+# The words of QwenImagePipeline's prompt template, each one token of the real Qwen2 vocabulary.
+QWEN_TEMPLATE_WORDS = ("system user assistant Describe the image by detailing color shape size texture quantity "
+                       "text spatial relationships of objects and background")
+
+
+def qwen2_tokenizer():
+    """A byte-level BPE Qwen2 tokenizer: the 256 byte symbols, the chat markers as special tokens, and
+    merges that make each template word one token, as Qwen2.5-VL's vocabulary does, so that the
+    template's system part is the 34 tokens QwenImagePipeline drops. Other text falls back to bytes."""
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import Qwen2Tokenizer
+    vocab = {"<|endoftext|>": 0}
+    for symbol in sorted(ByteLevel.alphabet()):
+        vocab.setdefault(symbol, len(vocab))
+    merges = []
+    for i, word in enumerate(QWEN_TEMPLATE_WORDS.split()):
+        word = word if i < 4 else "\u0120" + word   # \u0120: the byte-level symbol of a leading space
+        token = word[0]
+        for symbol in word[1:]:
+            if token + symbol not in vocab:
+                vocab[token + symbol] = len(vocab)
+                merges.append((token, symbol))
+            token += symbol
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
+
+
+def build_qwen_image(root: Path, seed: int = 0) -> Path:
+    """Qwen/Qwen-Image layout: Qwen2.5-VL text encoder (tiny, with its vision tower), 3D-causal VAE
+    (here factor 2, 4 latent channels), dual-stream transformer on 2x2-packed latents."""
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline,
+                           QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    torch.manual_seed(seed)
+    tokenizer = qwen2_tokenizer()
+    text = dict(vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, max_position_embeddings=1024, bos_token_id=None, eos_token_id=0, pad_token_id=0,
+                rope_parameters={"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1000000.0})
+    vision = dict(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, out_hidden_size=32,
+                  fullatt_block_indexes=[0])
+    text_encoder = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(
+        text_config=text, vision_config=vision, image_token_id=380, video_token_id=381, vision_start_token_id=382,
+        vision_end_token_id=383)).eval()
+    assert len(tokenizer) <= text["vocab_size"]
+    vae = AutoencoderKLQwenImage(base_dim=8, z_dim=4, dim_mult=[1, 2], num_res_blocks=1, temperal_downsample=[False],
+                                 latents_mean=[0.1, -0.2, 0.3, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0])
+    transformer = QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+                                              attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                              axes_dims_rope=(2, 2, 4))
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), vae=vae,
+                             text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
+    pipe.save_pretrained(str(root))
+    return root

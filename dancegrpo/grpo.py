@@ -167,11 +167,21 @@ def _group_advantages(
 
 
 def _group_advantages_by_id(rewards: Tensor, groups: GroupIds, valid: Tensor | None, eps: float, name: str) -> Tensor:
-    """As the group-major path, with each group's statistics reduced over its members wherever they are."""
+    """As the group-major path, with each group's statistics reduced over its members wherever they are.
+
+    Groups of equal size are gathered (members in batch order) into a group-major batch and take
+    the group-major path itself, so a batch spread over ranks gets exactly one process's floats.
+    """
     mask = _check_valid_mask(valid, rewards)
     _check_finite_where_valid(rewards, mask, name)
     member = _membership(groups, rewards.numel(), rewards.device)
     ids = groups.ids.to(rewards.device)
+    sizes = member.sum(dim=1)
+    if bool((sizes == sizes[0]).all()):
+        order = torch.sort(ids, stable=True).indices
+        adv = torch.empty_like(rewards, dtype=_stat_dtype(rewards.dtype))
+        adv[order] = _group_advantages(rewards[order], rewards.numel() // groups.count, mask[order], eps, name)
+        return adv
     dtype = _stat_dtype(rewards.dtype)
     zero = torch.zeros((), dtype=dtype, device=rewards.device)
     r = torch.where(mask, rewards.detach().to(dtype), zero)
@@ -182,7 +192,8 @@ def _group_advantages_by_id(rewards: Tensor, groups: GroupIds, valid: Tensor | N
     var = torch.where(m, centered.square()[None, :], zero).sum(dim=1) / (count - 1).clamp(min=1).to(dtype)
     adv = centered / (var.sqrt()[ids] + eps)
     inf = torch.tensor(float("inf"), dtype=dtype, device=r.device)
-    informative = (count >= 2) & (torch.where(m, r[None, :], -inf).amax(dim=1) > torch.where(m, r[None, :], inf).amin(dim=1))
+    spread = torch.where(m, r[None, :], -inf).amax(dim=1) > torch.where(m, r[None, :], inf).amin(dim=1)
+    informative = (count >= 2) & spread
     return torch.where(informative[ids] & mask, adv, zero)
 
 

@@ -540,11 +540,15 @@ def test_advantages_by_id_of_a_group_major_batch_equal_the_positional_ones():
     ids = torch.arange(12) // 4
     by_position = aggregate_advantages(rewards, weights, 4)
     by_id = aggregate_advantages(rewards, weights, GroupIds(ids, 3))
-    torch.testing.assert_close(by_id, by_position, rtol=1e-6, atol=1e-6)
-    # Moving samples around moves their advantages with them.
+    assert torch.equal(by_id, by_position)  # equal groups take the group-major path: the same floats
+    # Moving samples around moves their advantages with them (members keep their relative order:
+    # as when a group's halves sit on two ranks and are gathered rank by rank).
+    halves = torch.cat([torch.arange(12).view(3, 4)[:, :2].reshape(-1), torch.arange(12).view(3, 4)[:, 2:].reshape(-1)])
+    moved = aggregate_advantages({k: v[halves] for k, v in rewards.items()}, weights, GroupIds(ids[halves], 3))
+    assert torch.equal(moved, by_position[halves])
     perm = torch.randperm(12, generator=gen)
-    moved = aggregate_advantages({k: v[perm] for k, v in rewards.items()}, weights, GroupIds(ids[perm], 3))
-    torch.testing.assert_close(moved, by_position[perm], rtol=1e-6, atol=1e-6)
+    shuffled = aggregate_advantages({k: v[perm] for k, v in rewards.items()}, weights, GroupIds(ids[perm], 3))
+    torch.testing.assert_close(shuffled, by_position[perm], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("ids, count, match", [

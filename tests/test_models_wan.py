@@ -132,15 +132,11 @@ def experts_swapped(adapter, **modules):
             setattr(adapter, name, module)
 
 
-class TestWan22(TestWan21):
-    """Wan 2.2 two experts: every check of Wan 2.1 again, with `transformer` (high noise) and
-    `transformer_2` (low noise) switched at boundary_ratio x 1000 = 800."""
+class TwoExperts:
+    """The checks of a Wan 2.2 two-expert checkpoint (T2V and I2V), on top of every shared check:
+    `transformer` (high noise) and `transformer_2` (low noise) switched at boundary_ratio x 1000."""
 
     two_experts = True
-    bad_options = TestWan21.bad_options[:5]   # the last two are refusals of one-transformer checkpoints
-
-    def build_checkpoint(self, root):
-        return build_wan_t2v(root, two_experts=True, boundary_ratio=BOUNDARY)
 
     def trainer_config(self, run_dir, tiny, **extra_options):
         """Both sampling steps (sigma 1.0: high expert, 0.75: low expert) are trained (tau 1), so every
@@ -165,13 +161,14 @@ class TestWan22(TestWan21):
         adapter = load_model(self.model, str(base_adapter.source),
                              {**base_adapter_options(base_adapter), "cfg_scale": 4.0, "cfg_scale_2": 3.0})
         x = torch.randn(2, *self.latent_shape, generator=torch.Generator().manual_seed(3))
-        t, cond = torch.tensor([0.8, 0.79]), adapter.encode_prompts(PROMPTS[:2])
+        t, cond = torch.tensor([0.8, 0.79]), adapter.encode_prompts(PROMPTS[2:])
         with torch.no_grad():
             out = adapter.predict(x, t, cond)
             for row, expert, scale in ((0, adapter.transformer, 4.0), (1, adapter.transformer_2, 3.0)):
                 def run(prefix):
-                    return expert(hidden_states=x[row:row + 1], timestep=t[row:row + 1] * 1000,
-                                  encoder_hidden_states=cond[f"{prefix}prompt_embeds"][row:row + 1]).sample
+                    hidden, extra = self.expert_inputs(adapter, x, cond, prefix)
+                    return expert(hidden_states=hidden, timestep=t * 1000, encoder_hidden_states=cond[
+                        f"{prefix}prompt_embeds"], **extra).sample[row:row + 1]
                 uncond = run("negative_")
                 _assert_close(out[row:row + 1], uncond + scale * (run("") - uncond), self.tolerance("cfg"),
                               f"row {row}")
@@ -224,6 +221,15 @@ class TestWan22(TestWan21):
         with pytest.raises(FileNotFoundError, match="two trained experts it must be a folder holding transformer_lora"):
             load_model(self.model, str(tiny.checkpoint), self.options(
                 tiny, lora={**self.lora_options, "init_from": str(final / "transformer_lora")}))
+
+
+class TestWan22(TwoExperts, TestWan21):
+    """Wan 2.2 T2V (A14B layout): every check of Wan 2.1 again, and the two-expert checks."""
+
+    bad_options = TestWan21.bad_options[:5]   # the last two are refusals of one-transformer checkpoints
+
+    def build_checkpoint(self, root):
+        return build_wan_t2v(root, two_experts=True, boundary_ratio=BOUNDARY)
 
 
 def base_adapter_options(adapter) -> dict:

@@ -215,3 +215,25 @@ def build_wan_t2v(root: Path, seed: int = 0, two_experts: bool = False, boundary
         parts.update(transformer_2=wan_transformer(), boundary_ratio=boundary_ratio)
     WanPipeline(**parts).save_pretrained(str(root))
     return root
+
+
+def build_wan_i2v(root: Path, seed: int = 0, two_experts: bool = False, boundary_ratio: float = 0.8) -> Path:
+    """Wan-AI/Wan2.1-I2V-14B-*-Diffusers layout: the T2V parts, a CLIP vision tower and its image
+    processor (image_encoder/, image_processor/) and a transformer taking video latent + frame mask +
+    condition latent channels (4 + 4 + 4) and CLIP image tokens; with `two_experts`,
+    Wan2.2-I2V-A14B-Diffusers': no image encoder, transformer/ + transformer_2/ at `boundary_ratio`."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    parts = _wan_parts(seed, 3.0)
+    if two_experts:
+        parts.update(transformer=wan_transformer(in_channels=12), transformer_2=wan_transformer(in_channels=12),
+                     boundary_ratio=boundary_ratio)
+    else:
+        vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, image_size=32, patch_size=8,
+                                                  projection_dim=16))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        parts.update(transformer=wan_transformer(in_channels=12, image_dim=16, added_kv_proj_dim=16),
+                     image_encoder=vision, image_processor=processor)
+    WanImageToVideoPipeline(**parts).save_pretrained(str(root))
+    return root

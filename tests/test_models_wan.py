@@ -9,17 +9,22 @@ of training one or both experts.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from diffusers import WanPipeline, WanTransformer3DModel
 
 from adapter_tester import AdapterTesterMixin, _assert_close
+from dancegrpo.cli import main
+from dancegrpo.metrics import read_metrics
 from dancegrpo.models import load_model
 from dancegrpo.trainer import Trainer
 from tiny_models import PROMPTS, brightness, build_wan_t2v
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 SEQ = 24          # UMT5 tokens of the tiny caches (Wan: 512)
 BOUNDARY = 0.8    # the tiny two-expert checkpoint's boundary_ratio
 
@@ -50,6 +55,7 @@ class WanFamily:
     cfg_option = "cfg_scale"
     sample_steps, sample_shift = 3, 3.0   # the tiny scheduler's shift is 3.0
     two_experts = False
+    recipe = "wan21_t2v"
 
     def pipeline_prompt_embeds(self, pipe, prompts, cache):
         embeds, _ = pipe.encode_prompt(prompts, do_classifier_free_guidance=False, device="cpu",
@@ -62,6 +68,30 @@ class WanFamily:
         inv_std = 1.0 / torch.tensor(config.latents_std).view(1, config.z_dim, 1, 1, 1)
         video = pipe.vae.decode(latents / inv_std + mean, return_dict=False)[0]
         return pipe.video_processor.postprocess_video(video, output_type="pt")
+
+    def test_recipe_trains_one_iteration_through_the_command_line(self, tiny, tmp_path):
+        """`dancegrpo train` with the recipe as published, only its sizes, paths, device and reward
+        overridden: the recipe's structure (CFG scales, experts, LoRA, exclude_last_step, tau...) runs."""
+        out = tmp_path / "run"
+        overrides = {"run.device": "cpu", "run.output_dir": str(out), "model.path": str(tiny.checkpoint),
+                     "model.options.prompt_cache": str(tiny.cache),
+                     "data.train_prompts": str(tiny.cache / "prompts.txt"),
+                     "sampler.num_steps": 2, "sampler.eval_num_steps": 2, "grpo.group_size": 2,
+                     "grpo.prompts_per_iteration": 1, "trainer.iterations": 1, "trainer.checkpoint_every": 1,
+                     "rewards": '[{"name": "tiny_models:brightness"}]',
+                     **{f"model.options.{k}": v for k, v in self.tiny_options.items()}}
+        recipe = CONFIGS / f"{self.recipe}.yaml"
+        args = ["train", "--config", str(recipe), "--no-progress"]
+        for key, value in overrides.items():
+            args += ["--set", f"{key}={value}"]
+        assert main(args) == 0
+        [row] = read_metrics(out)
+        assert row["first_update_logp_max_dev"] == 0.0 and row["grad_norm"] > 0, row
+        saved = yaml.safe_load((out / "config.yaml").read_text())
+        published = yaml.safe_load(recipe.read_text())["model"]["options"]
+        kept = {k: v for k, v in published.items() if k not in self.tiny_options and k != "prompt_cache"}
+        assert kept and all(saved["model"]["options"][k] == v for k, v in kept.items())   # the recipe's own options ran
+        assert (out / "final_model" / "dancegrpo_model.json").is_file()
 
     def expert_inputs(self, adapter, x, cond, prefix):
         """hidden_states and extra keyword inputs of one unguided pass (T2V: the latents alone)."""
@@ -227,6 +257,7 @@ class TestWan22(TwoExperts, TestWan21):
     """Wan 2.2 T2V (A14B layout): every check of Wan 2.1 again, and the two-expert checks."""
 
     bad_options = TestWan21.bad_options[:5]   # the last two are refusals of one-transformer checkpoints
+    recipe = "wan22_t2v"
 
     def build_checkpoint(self, root):
         return build_wan_t2v(root, two_experts=True, boundary_ratio=BOUNDARY)
@@ -245,3 +276,12 @@ def trainer_run(trainer):
     run = _Run()
     run.trainer = trainer
     return run
+
+
+@pytest.mark.parametrize("recipe", ["wan21_t2v", "wan22_t2v", "wan_i2v"])
+def test_every_recipe_setting_names_its_source(recipe):
+    """As tests/test_preprocess.py checks the other recipes: a comment on every value line."""
+    for line in (CONFIGS / f"{recipe}.yaml").read_text().splitlines():
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and not stripped.endswith(":") and not stripped.startswith("- name"):
+            assert "#" in line, f"{recipe}.yaml: no source comment on {stripped!r}"

@@ -34,6 +34,7 @@ class WanI2VChecks(WanFamily, AdapterTesterMixin):
     # 2.1 I2V: the CLIP-token cross-attention reads the last 512 tokens as text (WanAttnProcessor)
     preprocess_options = {"height": HEIGHT, "width": WIDTH, "frames": FRAMES, "max_sequence_length": 512}
     image_conditioned = True
+    recipe = "wan_i2v"
     sample_batch = 1                # the pipeline takes one reference image
     bad_options = [({"height": 64}, r"holds image conditioning for 32 x 32 x 5 frames, but model.options asks for "
                                     r"64 x 32 x 5"),

@@ -296,11 +296,15 @@ class WanPromptEncoder:
 # The spec: published configs and shapes (memory estimate)
 
 # huggingface.co/Wan-AI/Wan2.1-T2V-14B-Diffusers/blob/main/transformer/config.json; each expert of
-# Wan2.2-T2V-A14B-Diffusers (transformer/, transformer_2/) has the same config.
+# Wan2.2-T2V-A14B-Diffusers (transformer/, transformer_2/config.json) has the same config.
 WAN_14B_TRANSFORMER = dict(
     added_kv_proj_dim=None, attention_head_dim=128, cross_attn_norm=True, eps=1e-6, ffn_dim=13824, freq_dim=256,
     image_dim=None, in_channels=16, num_attention_heads=40, num_layers=40, out_channels=16, patch_size=(1, 2, 2),
     qk_norm="rms_norm_across_heads", rope_max_seq_len=1024, text_dim=4096)
+# huggingface.co/Wan-AI/Wan2.1-T2V-1.3B-Diffusers/blob/main/transformer/config.json (the original release's
+# wan/configs/wan_t2v_1_3B.py: dim 1536 = 12 heads x 128, ffn_dim 8960, 30 layers): the model the GRPO
+# scripts train (configs/wan21_t2v.yaml) and the one the memory estimate builds for wan_t2v.
+WAN_1_3B_TRANSFORMER = {**WAN_14B_TRANSFORMER, "num_attention_heads": 12, "ffn_dim": 8960, "num_layers": 30}
 # huggingface.co/Wan-AI/Wan2.1-T2V-14B-Diffusers/blob/main/vae/config.json (Wan 2.1 VAE; Wan2.2-A14B uses it too)
 WAN_VAE = dict(
     attn_scales=[], base_dim=96, dim_mult=[1, 2, 4, 4], dropout=0.0, num_res_blocks=2,
@@ -345,7 +349,7 @@ SPEC = ModelSpec(
     default_options=option_defaults(WanOptions),
     sequence_parallel=False,
     denoiser_class="WanTransformer3DModel",
-    denoiser_config=WAN_14B_TRANSFORMER,
+    denoiser_config=WAN_1_3B_TRANSFORMER,
     vae_class="AutoencoderKLWan",
     vae_config=WAN_VAE,
     checkpointed_blocks="each WanTransformerBlock",

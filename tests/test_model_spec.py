@@ -117,7 +117,8 @@ def test_registry_lookups_and_refusals():
         register_model(get_model_spec("flux"))
     with pytest.raises(TypeError, match="takes a ModelSpec"):
         register_model({"name": "x"})
-    assert model_names("prompt_encoder")[:4] == ["sd14", "flux", "hunyuan_video", "skyreels_i2v"]  # then issue 18's
+    # the first five built-ins (issue 18's models register after them)
+    assert model_names("prompt_encoder")[:4] == ["sd14", "flux", "hunyuan_video", "skyreels_i2v"]
     assert model_names("cfg")[:2] == ["sd14", "skyreels_i2v"]
     assert throughput.bench_models() == ["flux", "hunyuan_video"]
     with pytest.raises(ValueError, match=r"model 'toy_flux': forward_flops needs ModelSpec field\(s\) forward_flops"):

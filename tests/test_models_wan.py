@@ -9,6 +9,7 @@ of training one or both experts.
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -139,6 +140,24 @@ class TestWan21(WanFamily, AdapterTesterMixin):
                                  return_tensors="pt").attention_mask.sum(1)
         for row, length in zip(embeds, lengths.tolist()):
             assert 0 < length < SEQ and row[:length].abs().sum(1).min() > 0 and not row[length:].any()
+
+    def test_unsupported_or_incomplete_checkpoints_are_refused_before_loading(self, tiny, tmp_path):
+        """Wan2.2-TI2V-5B's per-token timesteps (expand_timesteps) and a two-expert model_index.json
+        without transformer_2/ are refused, naming the file, before any weights are read."""
+        def copy_with(name, index_changes, leave_out=()):
+            folder = tmp_path / name
+            folder.mkdir()
+            for entry in tiny.checkpoint.iterdir():
+                if entry.is_dir() and entry.name not in leave_out:
+                    (folder / entry.name).symlink_to(entry)
+            index = json.loads((tiny.checkpoint / "model_index.json").read_text())
+            (folder / "model_index.json").write_text(json.dumps({**index, **index_changes}))
+            return folder
+        with pytest.raises(ValueError, match=r"model_index.json sets expand_timesteps: true \(Wan2.2-TI2V-5B"):
+            load_model(self.model, str(copy_with("ti2v", {"expand_timesteps": True})), self.options(tiny))
+        with pytest.raises(FileNotFoundError, match=r"boundary_ratio = 0.9 \(two experts\) but lacks transformer_2/"):
+            load_model(self.model, str(copy_with("half", {"boundary_ratio": 0.9}, ("transformer_2",))),
+                       self.options(tiny))
 
     def test_text_to_image_iteration_then_diffusers_reload(self, tiny, tmp_path):
         """frames: 1 is text-to-image: rewards see images (B, C, H, W); the checks of a video run hold."""
@@ -283,5 +302,5 @@ def test_every_recipe_setting_names_its_source(recipe):
     """As tests/test_preprocess.py checks the other recipes: a comment on every value line."""
     for line in (CONFIGS / f"{recipe}.yaml").read_text().splitlines():
         stripped = line.strip()
-        if stripped and not stripped.startswith("#") and not stripped.endswith(":") and not stripped.startswith("- name"):
+        if stripped and not stripped.startswith(("#", "- name")) and not stripped.endswith(":"):
             assert "#" in line, f"{recipe}.yaml: no source comment on {stripped!r}"

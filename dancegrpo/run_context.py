@@ -81,6 +81,9 @@ class RunContext:
                                 model_time_resolution=s.model_time_resolution)
         eval_sampler = build_sampler(adapter.prediction, s.eval_num_steps or s.num_steps, 0.0, s.shift, s.sde_form,
                                      device=device, model_time_resolution=s.model_time_resolution)
+        check_sampler = getattr(adapter, "check_sampler", None)
+        if check_sampler is not None:  # a model whose parts depend on the step (Wan 2.2's experts) checks the schedule
+            check_sampler(sampler)
         sta = getattr(adapter, "sta", None)
         if sta is not None:  # sliding-tile attention picks its window by sampling step
             sta.set_schedule(sampler.model_time(torch.arange(sampler.num_steps, device=device)))

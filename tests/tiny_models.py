@@ -264,3 +264,67 @@ def build_qwen_image(root: Path, seed: int = 0) -> Path:
                              text_encoder=text_encoder, tokenizer=tokenizer, transformer=transformer)
     pipe.save_pretrained(str(root))
     return root
+
+
+# ---------------------------------------------------------------------------------------------
+# Wan 2.1 / 2.2 (text- and image-to-video): UMT5 text encoder, AutoencoderKLWan, WanTransformer3DModel
+
+WAN_LATENTS_MEAN = [0.3, -0.2, 0.1, -0.4]   # not the identity, so the adapters' (de)normalisation is tested
+WAN_LATENTS_STD = [1.5, 0.8, 2.0, 1.2]
+
+
+def wan_transformer(in_channels: int = 4, **extra):
+    from diffusers import WanTransformer3DModel
+    return WanTransformer3DModel(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8,
+                                 in_channels=in_channels, out_channels=4, text_dim=16, freq_dim=32, ffn_dim=32,
+                                 num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+                                 rope_max_seq_len=32, **extra)
+
+
+def _wan_parts(seed: int, scheduler_shift: float):
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler
+    from transformers import UMT5Config, UMT5EncoderModel
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                           temperal_downsample=[False, True, True], latents_mean=WAN_LATENTS_MEAN,
+                           latents_std=WAN_LATENTS_STD)
+    umt5 = UMT5EncoderModel(UMT5Config(vocab_size=128, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                                       relative_attention_num_buckets=8, decoder_start_token_id=0, pad_token_id=0,
+                                       eos_token_id=1))
+    return dict(tokenizer=t5_tokenizer(), text_encoder=umt5, vae=vae,
+                scheduler=FlowMatchEulerDiscreteScheduler(shift=scheduler_shift))
+
+
+def build_wan_t2v(root: Path, seed: int = 0, two_experts: bool = False, boundary_ratio: float = 0.8) -> Path:
+    """Wan-AI/Wan2.1-T2V-*-Diffusers layout (UMT5, Wan VAE: 8x space, 4x time); with `two_experts`,
+    Wan2.2-T2V-A14B-Diffusers': transformer/ (high noise) and transformer_2/ (low noise), switched at
+    `boundary_ratio` x 1000. Euler flow-matching scheduler with shift 3 (the adapter's sampler)."""
+    from diffusers import WanPipeline
+    parts = _wan_parts(seed, 3.0)
+    parts["transformer"] = wan_transformer()
+    if two_experts:
+        parts.update(transformer_2=wan_transformer(), boundary_ratio=boundary_ratio)
+    WanPipeline(**parts).save_pretrained(str(root))
+    return root
+
+
+def build_wan_i2v(root: Path, seed: int = 0, two_experts: bool = False, boundary_ratio: float = 0.8) -> Path:
+    """Wan-AI/Wan2.1-I2V-14B-*-Diffusers layout: the T2V parts, a CLIP vision tower and its image
+    processor (image_encoder/, image_processor/) and a transformer taking video latent + frame mask +
+    condition latent channels (4 + 4 + 4) and CLIP image tokens; with `two_experts`,
+    Wan2.2-I2V-A14B-Diffusers': no image encoder, transformer/ + transformer_2/ at `boundary_ratio`."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+    parts = _wan_parts(seed, 3.0)
+    if two_experts:
+        parts.update(transformer=wan_transformer(in_channels=12), transformer_2=wan_transformer(in_channels=12),
+                     boundary_ratio=boundary_ratio)
+    else:
+        vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, image_size=32, patch_size=8,
+                                                  projection_dim=16))
+        processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+        parts.update(transformer=wan_transformer(in_channels=12, image_dim=16, added_kv_proj_dim=16),
+                     image_encoder=vision, image_processor=processor)
+    WanImageToVideoPipeline(**parts).save_pretrained(str(root))
+    return root

@@ -6,12 +6,12 @@ adapters import them when they load weights.
 """
 from __future__ import annotations
 
-from . import flux, hunyuan_video, qwen_image, sd14, sd35, skyreels_i2v, toy_flux
+from . import flux, hunyuan_video, qwen_image, sd14, sd35, skyreels_i2v, toy_flux, wan, wan_i2v
 from .base import Conditioning, GeneratorAdapter, index_cond, repeat_cond
 from .spec import ModelSpec, get_model_spec, model_names, register_model, unregister_model
 
 for _spec in (toy_flux.SPEC, sd14.SPEC, flux.SPEC, hunyuan_video.SPEC, skyreels_i2v.SPEC, sd35.SPEC,
-              qwen_image.SPEC):
+              qwen_image.SPEC, wan.SPEC, wan_i2v.SPEC):
     register_model(_spec)
 
 

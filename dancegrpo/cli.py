@@ -191,7 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=_eval)
 
     pre = sub.add_parser("preprocess", help="encode a prompt file with the model's text encoders into a prompt cache")
-    pre.add_argument("--model", required=True, help="sd14 | flux | hunyuan_video | skyreels_i2v")
+    pre.add_argument("--model", required=True,
+                     help="a registered model (docs/models.md), e.g. sd14, flux, sd35, qwen_image, wan_t2v; "
+                          "an unknown name lists them all")
     pre.add_argument("--path", required=True, help="the model's diffusers checkpoint directory")
     pre.add_argument("--prompts", required=True, help="text file (one prompt a line) or JSONL (prompt, image)")
     pre.add_argument("--out", required=True, help="cache folder to write")

@@ -143,6 +143,10 @@ def _preprocess(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dancegrpo", description="DanceGRPO: RL fine-tuning of image/video generators")
+    parser.add_argument("--import", dest="imports", action="append", default=[], metavar="MODULE",
+                        help="import MODULE first (repeatable): your code that registers a model "
+                             "(dancegrpo.models.register_model) or prompt sets; it must be importable "
+                             "(installed, or on PYTHONPATH)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="fine-tune a generator with DanceGRPO")
@@ -170,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--set", action="append", metavar="KEY=VALUE")
     sample.add_argument("--checkpoint", help="a run folder or checkpoint directory; default: the base model")
     sample.add_argument("--prompt", action="append", required=True)
-    sample.add_argument("--out", default="samples")
+    sample.add_argument("--out", default="runs/samples", help="folder for the PNG/MP4 files (default runs/samples)")
     sample.add_argument("--upscale", type=_positive_int, default=None,
                         help="nearest-neighbour upscale factor >= 1 (default: 8 for images up to 64 px, else 1)")
     sample.add_argument("--fps", type=_positive_float, default=8.0, help="frame rate of videos (> 0)")
@@ -187,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="evaluate the base model too (default)")
     ev.add_argument("--no-base", dest="include_base", action="store_false", help="only the checkpoints")
     ev.add_argument("--seeds", type=_positive_int, default=1, help="noise draws per prompt (>= 1, default 1)")
-    ev.add_argument("--out", default="eval_results", help="folder for eval.csv, eval.json, eval.png")
+    ev.add_argument("--out", default="runs/eval", help="folder for eval.csv, eval.json, eval.png (default runs/eval)")
     ev.set_defaults(func=_eval)
 
     pre = sub.add_parser("preprocess", help="encode a prompt file with the model's text encoders into a prompt cache")
@@ -222,10 +226,21 @@ def main(argv=None) -> int:
                         f"%(levelname)s rank {rank} %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        for module in args.imports:
+            _import_user_module(module)
         return args.func(args)
     except _user_errors() as err:
         print(f"dancegrpo: error: {err}", file=sys.stderr)
         return 2
+
+
+def _import_user_module(module: str) -> None:
+    import importlib
+    try:
+        importlib.import_module(module)
+    except ImportError as err:
+        raise ValueError(f"--import {module}: {err}; make it importable (pip install it, or add its folder to "
+                         "PYTHONPATH)") from err
 
 
 if __name__ == "__main__":

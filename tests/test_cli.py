@@ -112,3 +112,36 @@ def test_sample_writes_pngs_from_the_exported_model(tiny_config, tmp_path):
                  "--prompt", "two blue squares", "--out", str(out), "--upscale", "2"]) == 0
     files = sorted(out.glob("*.png"))
     assert len(files) == 2 and Image.open(files[0]).size == (64, 64)
+
+
+def test_import_option_registers_a_users_model_before_the_command(tiny_config, tmp_path, monkeypatch, capsys):
+    """`dancegrpo --import my_plugin train ...`: a model registered by the user's own module trains from
+    the command line; without the import its name is unknown, and a missing module is a one-line error."""
+    from dancegrpo.models import model_names, unregister_model
+    (tmp_path / "my_plugin.py").write_text(
+        "import dataclasses\n"
+        "from dancegrpo.models import get_model_spec, register_model\n"
+        "register_model(dataclasses.replace(get_model_spec('toy_flux'), name='plugin_toy'))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tiny_config["model"]["name"] = "plugin_toy"
+    tiny_config["data"]["eval_prompts"] = ""
+    tiny_config["run"]["output_dir"] = str(tmp_path / "run")
+    path = _write(tiny_config, tmp_path / "cfg.yaml")
+    try:
+        assert main(["train", "--config", str(path), "--iterations", "1", "--no-progress"]) == 2
+        assert "unknown model 'plugin_toy'" in capsys.readouterr().err
+        assert main(["--import", "my_plugin", "train", "--config", str(path), "--iterations", "1",
+                     "--no-progress"]) == 0
+        assert "plugin_toy" in model_names() and latest_checkpoint(tmp_path / "run") is not None
+    finally:
+        if "plugin_toy" in model_names():
+            unregister_model("plugin_toy")
+    assert main(["--import", "no_such_plugin", "train", "--config", str(path)]) == 2
+    assert "--import no_such_plugin: No module named 'no_such_plugin'" in capsys.readouterr().err
+
+
+def test_memory_estimate_reports_a_bad_recipe_in_one_line(capsys):
+    from dancegrpo.memory_estimate.estimate import main as estimate_main
+    assert estimate_main(["configs/quickstart.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("memory_estimate: error: ") and "Traceback" not in err and len(err.splitlines()) == 1

@@ -239,7 +239,7 @@ def write_outputs(rows: list[EvalRow], images: dict[str, torch.Tensor], prompts:
 # --------------------------------------------------------------------------- entry point
 
 def run_eval(config, checkpoints: Sequence[str | Path] = (), prompts: str | None = None, include_base: bool = True,
-             seeds: int = 1, out_dir: str | Path = "eval_results", overrides: Sequence[str] = ()) -> EvalReport:
+             seeds: int = 1, out_dir: str | Path = "runs/eval", overrides: Sequence[str] = ()) -> EvalReport:
     """Build the model from `config`, evaluate the base and each checkpoint, write the outputs.
 
     `prompts`: a prompt file or builtin set (toy:eval); default: the config's held-out prompts.

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -220,6 +221,10 @@ def main(argv=None) -> int:
                              "as the single-process trainer does)")
     args = parser.parse_args(argv)
     for recipe in args.recipes:
-        print(format_markdown(estimate_recipe(recipe, args.prompts_per_device)))
+        try:
+            print(format_markdown(estimate_recipe(recipe, args.prompts_per_device)))
+        except (ValueError, OSError) as err:  # ConfigError is a ValueError: one line naming the problem
+            print(f"memory_estimate: error: {err}", file=sys.stderr)
+            return 2
     return 0
 

@@ -101,7 +101,7 @@ def check_resolution(model: str, height: int, width: int, multiple: int, why: st
                          f"use e.g. {max(multiple, height // multiple * multiple)} x {max(multiple, width // multiple * multiple)}")
 
 
-class _LoraReference:
+class LoraReference:
     """The trainer's reference interface (`active()`), for a LoRA denoiser: adapters off."""
 
     def __init__(self, peft_model: nn.Module):
@@ -199,7 +199,7 @@ class DiffusersGenerator(nn.Module):
     def frozen_reference(self):
         """The initial policy for the KL term: an object whose `active()` context swaps it in."""
         if self.lora is not None:
-            return _LoraReference(self.denoiser)
+            return LoraReference(self.denoiser)
         return FrozenReference(self, self.denoiser_attr)
 
     def lookup_prompts(self, prompts: list[str]) -> Conditioning:

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..attention.backends import install_attention_backend
 from .base import FrozenReference
-from .diffusers_generator import DTYPES, _LoraReference
+from .diffusers_generator import DTYPES, LoraReference
 from .lora import LoraParameters, apply_lora, save_merged
 
 #: expert name (`train_experts`) -> checkpoint subfolder and adapter attribute
@@ -59,7 +59,7 @@ class _References:
 
 def frozen_references(adapter):
     """The initial policy of every trained expert: LoRA adapters disabled, or frozen copies."""
-    refs = [_LoraReference(getattr(adapter, EXPERTS[n])) if adapter.lora is not None
+    refs = [LoraReference(getattr(adapter, EXPERTS[n])) if adapter.lora is not None
             else FrozenReference(adapter, EXPERTS[n]) for n in adapter.trained]
     return refs[0] if len(refs) == 1 else _References(refs)
 

@@ -36,7 +36,7 @@ from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_res
 from .flux_packing import pack_latents, unpack_latents
 from .options import at_least
 from .prompt_cache import EMPTY_PROMPT
-from .spec import ModelSpec, option_defaults
+from .spec import BlockLists, ModelSpec, option_defaults
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
@@ -309,6 +309,8 @@ SPEC = ModelSpec(
     vae_config=QWEN_IMAGE_VAE,
     checkpointed_blocks="each of the 60 dual-stream transformer blocks",
     text_tokens=TEXT_TOKENS,
+    # each QwenImageTransformerBlock: the units diffusers' gradient checkpointing wraps
+    denoiser_blocks={"QwenImageTransformer2DModel": BlockLists("transformer_blocks")},
     denoiser_inputs=denoiser_inputs,
     latent_numel=latent_numel,
     cond_bytes=cond_bytes,

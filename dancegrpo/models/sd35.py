@@ -22,7 +22,7 @@ from .checkpoint_layout import Component, read_json
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
 from .options import at_least
 from .prompt_cache import PromptCache
-from .spec import ModelSpec, option_defaults
+from .spec import BlockLists, ModelSpec, option_defaults
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -238,6 +238,9 @@ SPEC = ModelSpec(
     vae_config=SD35_VAE,
     checkpointed_blocks="each joint transformer block",
     text_tokens=CLIP_TOKENS + T5_TOKENS,
+    # each JointTransformerBlock (with its second, image-only attention in MMDiT-X's blocks 0-12): the
+    # units diffusers' gradient checkpointing wraps
+    denoiser_blocks={"SD3Transformer2DModel": BlockLists("transformer_blocks")},
     denoiser_inputs=denoiser_inputs,
     latent_numel=latent_numel,
     cond_bytes=cond_bytes,

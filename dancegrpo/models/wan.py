@@ -38,7 +38,7 @@ from .checkpoint_layout import CheckpointLayoutError, Component, read_json
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution
 from .options import at_least
 from .prompt_cache import EMPTY_PROMPT
-from .spec import ModelSpec, option_defaults
+from .spec import BlockLists, ModelSpec, option_defaults
 from .wan_experts import EXPERTS, ExpertSet, frozen_references, prepare_expert, save_experts
 
 if TYPE_CHECKING:
@@ -354,6 +354,7 @@ SPEC = ModelSpec(
     vae_config=WAN_VAE,
     checkpointed_blocks="each WanTransformerBlock",
     text_tokens=TEXT_TOKENS,
+    denoiser_blocks={"WanTransformer3DModel": BlockLists("blocks")},   # what diffusers' checkpointing wraps
     denoiser_inputs=denoiser_inputs,
     latent_numel=latent_numel,
     cond_bytes=cond_bytes,

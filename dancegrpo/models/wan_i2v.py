@@ -214,6 +214,7 @@ SPEC = ModelSpec(
     vae_config=wan.WAN_VAE,
     checkpointed_blocks="each WanTransformerBlock",
     text_tokens=I2V_TEXT_TOKENS,
+    denoiser_blocks=wan.SPEC.denoiser_blocks,
     denoiser_inputs=wan.denoiser_inputs,
     latent_numel=wan.latent_numel,
     cond_bytes=cond_bytes,

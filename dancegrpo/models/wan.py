@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from . import wan_costs
 from .base import Conditioning
 from .checkpoint_layout import CheckpointLayoutError, Component, read_json
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution
@@ -358,4 +359,12 @@ SPEC = ModelSpec(
     denoiser_inputs=denoiser_inputs,
     latent_numel=latent_numel,
     cond_bytes=cond_bytes,
+    token_counts=wan_costs.token_counts,
+    forward_flops=wan_costs.forward_flops,
+    parameter_count=wan_costs.parameter_count,
+    block_parameter_counts=wan_costs.block_parameter_counts,
+    bench_recipe="configs/wan21_t2v.yaml",
+    tiny_config=wan_costs.TINY_T2V,
+    tiny_options=wan_costs.TINY_T2V_OPTIONS,
+    tiny_batch=2,
 )

@@ -87,7 +87,7 @@ def test_published_parameter_counts_equal_the_diffusers_models(name, config):
 def test_recipe_token_counts():
     cases = {"wan_t2v": ((512, 512, 33, 1), (9 * 32 * 32, 512)),      # 1 + 32/4 latent frames, 64/2 patches
              "wan_i2v": ((480, 832, 33, 1), (9 * 30 * 52, 512)),
-             "sd35": ((512, 512, None, 9), (32 * 32, 77 + 256)),      # the pipeline's default T5 length
+             "sd35": ((512, 512, None, 9), (32 * 32, 77 + 128)),      # the recipe's T5 length (flow_grpo's)
              "qwen_image": ((512, 512, None, 4), (32 * 32, 512))}
     for name, ((height, width, frames, batch), tokens) in cases.items():
         work = recipe_workload(name)

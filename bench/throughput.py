@@ -1,4 +1,4 @@
-"""Training throughput and MFU of the FLUX.1-dev and HunyuanVideo denoisers on one GPU.
+"""Training throughput and MFU of the registered models' denoisers (FLUX.1-dev, HunyuanVideo, Wan, SD3.5, ...) on one GPU.
 
     python -m bench.throughput [--model flux hunyuan_video] [--settings none,full,selective,full+compile,...]
                                [--batch N] [--iterations 10] [--warmup 3] [--peak-tflops X]
@@ -29,14 +29,21 @@ FLOPs, MFU and HFU stay those of the dense model (the work the step replaces), s
 row's MFU is an effective figure: dense FLOPs per second of the sparse step.
 
 Models: every registered model whose `ModelSpec` (dancegrpo.models.spec) gives a benchmark
-recipe, a tiny config, token counts and forward FLOPs (today flux and hunyuan_video); the
+recipe, a tiny config, token counts and forward FLOPs (today flux, hunyuan_video, sd35, qwen_image,
+wan_t2v and wan_i2v: `python -m bench.throughput --model wan_t2v`); the
 denoiser class, the published config, its inputs and its costs all come from the spec.
+A row's batch counts denoiser rows: a CFG model (wan_t2v, wan_i2v, sd35, qwen_image) runs two rows
+(conditional and unconditional) per training sample when cfg_scale != 1, so its samples/s per
+training sample are half the row's. Every parameter is cast to the benchmark dtype, including the
+modules diffusers keeps in fp32 when Wan is loaded with `torch_dtype` (its norms, time embedder,
+modulation tables: small element-wise work, which the FLOP count leaves out anyway).
 
 FLOPs (`forward_flops`: the spec's, exact for the matrix products and attention; tests compare
 it with torch.utils.flop_counter on tiny configs): the double- and single-stream blocks,
 HunyuanVideo's text token refiner blocks, the embeddings (patch / text projections, timestep,
 guidance, pooled text) and the output head, as dancegrpo/models/transformer_costs.py counts them
-with N = N_i + N_t tokens (N_i image/video, N_t text). Non-matmul work (norms, RoPE, activations)
+with N = N_i + N_t tokens (N_i image/video, N_t text); Wan's self- and cross-attention blocks as
+dancegrpo/models/wan_costs.py counts them, SD3.5's joint blocks and Qwen-Image's in their modules. Non-matmul work (norms, RoPE, activations)
 is not counted. A training step is counted as
 3 x forward (backward = 2 x forward) whatever the checkpointing: MFU counts the model's
 FLOPs, not the recomputation's (which "hfu" in the CSV adds: +1 forward for full).
@@ -135,7 +142,7 @@ def recipe_workload(model_name: str, batch: int | None = None, tiny: bool = Fals
     else:
         config = spec.denoiser_config
         cfg = yaml.safe_load((REPO / spec.bench_recipe).read_text())
-        keys = ("height", "width", "frames")
+        keys = ("height", "width", "frames", "max_sequence_length")   # the text length, where a recipe sets it
         options = {k: v for k, v in cfg["model"]["options"].items() if k in keys}
         micro_batch = cfg["trainer"]["micro_batch_size"]
     return Workload(model_name, spec.denoiser_class, dict(config), dict(options), batch or micro_batch)

@@ -92,10 +92,11 @@ def test_tiny_run_writes_consistent_rows(tmp_path):
                              "--compile-backend", "aot_eager"])
     with path.open() as f:
         written = list(csv.DictReader(f))
+    models = throughput.bench_models()
+    assert {"flux", "hunyuan_video", "wan_t2v", "wan_i2v", "sd35", "qwen_image"} <= set(models)
     assert [(r["model"], r["checkpointing"], r["compile"]) for r in written] == [
-        ("flux", "none", "False"), ("flux", "full", "False"), ("hunyuan_video", "none", "False"),
-        ("hunyuan_video", "full", "False"), ("flux", "selective", "True")]
-    assert len(rows) == 5
+        (m, mode, "False") for m in models for mode in ("none", "full")] + [("flux", "selective", "True")]
+    assert len(rows) == 2 * len(models) + 1
     for row in written:
         assert row["status"] == "ok" and row["date"] and row["device"]
         work = recipe_workload(row["model"], tiny=True)
@@ -156,8 +157,9 @@ def test_attention_backend_is_installed_and_recorded(tmp_path, monkeypatch):
     path = tmp_path / "throughput.csv"
     rows = throughput.main(["--tiny", "--device", "cpu", "--dtype", "float32", "--iterations", "1", "--warmup", "0",
                             "--settings", "none", "--attention-backend", "math", "--csv", str(path)])
-    assert installed == [("flux", "math", False), ("hunyuan_video", "math", True)]
-    assert [r["attention_backend"] for r in rows] == ["math", "math"] and all(r["status"] == "ok" for r in rows)
+    models = throughput.bench_models()
+    assert installed == [(m, "math", m in ("hunyuan_video", "qwen_image")) for m in models]   # their text masks
+    assert [r["attention_backend"] for r in rows] == ["math"] * len(models) and all(r["status"] == "ok" for r in rows)
     with pytest.raises(backends.AttentionBackendError, match="cudnn"):
         throughput.main(["--tiny", "--device", "cpu", "--model", "flux", "--settings", "none", "--iterations", "1",
                          "--warmup", "0", "--attention-backend", "cudnn", "--csv", str(tmp_path / "x.csv")])

@@ -11,7 +11,14 @@ import re
 
 import pytest
 import torch
-from diffusers import FluxTransformer2DModel, HunyuanVideoTransformer3DModel, UNet2DConditionModel, WanTransformer3DModel
+from diffusers import (
+    FluxTransformer2DModel,
+    HunyuanVideoTransformer3DModel,
+    QwenImageTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+    WanTransformer3DModel,
+)
 
 from dancegrpo.distributed.blocks import (
     apply_activation_checkpointing,
@@ -31,6 +38,13 @@ HUNYUAN = dict(in_channels=4, out_channels=4, num_attention_heads=2, attention_h
                pooled_projection_dim=32, rope_axes_dim=(2, 2, 4), guidance_embeds=True)
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
            text_dim=16, freq_dim=8, ffn_dim=32, num_layers=3, rope_max_seq_len=32)
+# tests/tiny_models.py's SD3.5 transformer with 3 blocks: one with MMDiT-X's second attention, one plain,
+# and the last (context_pre_only: no text output projection and MLP).
+SD35 = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16, pooled_projection_dim=48,
+            pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+QWEN = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=3, attention_head_dim=8, num_attention_heads=2,
+            joint_attention_dim=32, axes_dims_rope=(2, 2, 4))
 SD14 = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(16, 32),
             norm_num_groups=8, cross_attention_dim=32, attention_head_dim=4,
             down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -40,7 +54,8 @@ SD14 = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, bl
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     cls, config = {"flux": (FluxTransformer2DModel, FLUX), "hunyuan": (HunyuanVideoTransformer3DModel, HUNYUAN),
-                   "wan": (WanTransformer3DModel, WAN), "sd14": (UNet2DConditionModel, SD14)}[name]
+                   "wan": (WanTransformer3DModel, WAN), "sd14": (UNet2DConditionModel, SD14),
+                   "sd35": (SD3Transformer2DModel, SD35), "qwen_image": (QwenImageTransformer2DModel, QWEN)}[name]
     return cls(**config).train()
 
 
@@ -61,6 +76,15 @@ def inputs(name: str) -> dict:
     if name == "wan":
         return dict(hidden_states=torch.randn(2, 4, 2, 4, 4, generator=g), timestep=torch.tensor([300.0, 700.0]),
                     encoder_hidden_states=torch.randn(2, 5, 16, generator=g), return_dict=False)
+    if name == "sd35":
+        return dict(hidden_states=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([300.0, 700.0]),
+                    encoder_hidden_states=torch.randn(2, 5, 64, generator=g),
+                    pooled_projections=torch.randn(2, 48, generator=g), return_dict=False)
+    if name == "qwen_image":
+        mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])   # padded text tokens: the mask path
+        return dict(hidden_states=torch.randn(2, 6, 16, generator=g), timestep=torch.tensor([0.3, 0.7]),
+                    encoder_hidden_states=torch.randn(2, 5, 32, generator=g), encoder_hidden_states_mask=mask,
+                    img_shapes=[[(1, 2, 3)]] * 2, return_dict=False)
     return dict(sample=torch.randn(2, 4, 8, 8, generator=g), timestep=torch.tensor([10.0, 500.0]),
                 encoder_hidden_states=torch.randn(2, 3, 32, generator=g), return_dict=False)
 
@@ -76,7 +100,11 @@ def assert_same_step(model: torch.nn.Module, reference: torch.nn.Module, name: s
     out, grads = output_and_grads(model, name)
     ref_out, ref_grads = output_and_grads(reference, name)
     torch.testing.assert_close(out, ref_out, atol=atol, rtol=0)
-    assert grads.keys() == ref_grads.keys() and len(grads) == len(list(reference.parameters()))
+    # Qwen-Image's last block computes a text output (to_add_out, txt_mlp) that nothing reads: no gradient.
+    unused = {f"transformer_blocks.{QWEN['num_layers'] - 1}.{p}.{w}" for p in ("attn.to_add_out", "txt_mlp.net.0.proj",
+                                                                          "txt_mlp.net.2") for w in ("weight", "bias")}
+    expected = [n for n, _ in reference.named_parameters() if name != "qwen_image" or n not in unused]
+    assert sorted(grads) == sorted(ref_grads) == sorted(expected)
     for key in grads:
         torch.testing.assert_close(grads[key], ref_grads[key], atol=atol, rtol=0, msg=key)
 
@@ -113,6 +141,46 @@ def test_blocks_are_the_units_diffusers_checkpoints():
     assert len(called) == WAN["num_layers"]
 
 
+@pytest.mark.parametrize("name", ["sd35", "qwen_image"])
+def test_sd35_and_qwen_image_blocks_are_the_units_diffusers_checkpoints(name):
+    model = build(name)
+    called, copied = record_diffusers_checkpointed(model, name)
+    assert [id(m) for m in transformer_blocks(copied)] == [id(m) for m in called]
+    assert len(called) == 3 and [type(m).__name__ for m in called] == [
+        {"sd35": "JointTransformerBlock", "qwen_image": "QwenImageTransformerBlock"}[name]] * 3
+
+
+def test_blocks_come_from_the_registered_specs():
+    """The lists are the registry's (ModelSpec.denoiser_blocks): a class no spec names is refused with
+    the known ones, a spec that registers one makes it known, and two specs cannot disagree on a class."""
+    from dancegrpo.models import BlockLists, ModelSpec, register_model, unregister_model
+
+    class Stack(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = torch.nn.Module()
+            self.inner.layers = torch.nn.ModuleList([torch.nn.Linear(2, 2) for _ in range(3)])
+            self.head = torch.nn.ModuleList([torch.nn.Linear(2, 1)])
+
+    model = Stack()
+    with pytest.raises(ValueError, match=r"Stack is not a denoiser .*SD3Transformer2DModel.*QwenImageTransformer2DModel"):
+        transformer_blocks(model)
+    register_model(ModelSpec(name="stack_model", load=lambda path, options: None,
+                             denoiser_blocks={"Stack": BlockLists("inner.layers", "head")}))
+    try:
+        assert transformer_blocks(model) == [*model.inner.layers, *model.head]
+        with pytest.raises(ValueError, match=r"differs from registered model 'stack_model'"):
+            register_model(ModelSpec(name="stack_other", load=lambda path, options: None,
+                                     denoiser_blocks={"Stack": BlockLists("inner.layers")}))
+        del model.head
+        with pytest.raises(ValueError, match=r"Stack has no block list 'head'"):
+            transformer_blocks(model)
+    finally:
+        unregister_model("stack_model")
+    with pytest.raises(ValueError, match="attribute paths"):
+        BlockLists()
+
+
 def test_unet_blocks_cover_every_resnet_and_attention_once_and_contain_what_diffusers_checkpoints():
     unet = build("sd14")
     called, copied = record_diffusers_checkpointed(unet, "sd14")
@@ -127,7 +195,7 @@ def test_unet_blocks_cover_every_resnet_and_attention_once_and_contain_what_diff
         assert len(owners) == 1, names[id(module)]
 
 
-@pytest.mark.parametrize("name", ["flux", "hunyuan", "wan"])
+@pytest.mark.parametrize("name", ["flux", "hunyuan", "wan", "sd35", "qwen_image"])
 @pytest.mark.parametrize("mode,every_n", [("none", 1), ("full", 1), ("selective", 1), ("full", 2), ("selective", 3)])
 def test_checkpointing_gives_the_unwrapped_output_and_gradients(name, mode, every_n):
     reference = build(name)

@@ -120,7 +120,8 @@ def test_registry_lookups_and_refusals():
     # the first five built-ins (issue 18's models register after them)
     assert model_names("prompt_encoder")[:4] == ["sd14", "flux", "hunyuan_video", "skyreels_i2v"]
     assert model_names("cfg")[:2] == ["sd14", "skyreels_i2v"]
-    assert throughput.bench_models() == ["flux", "hunyuan_video"]
+    assert throughput.bench_models() == ["flux", "hunyuan_video", "sd35", "qwen_image", "wan_t2v", "wan_i2v"]
+    assert model_names("denoiser_blocks") == model_names()   # every built-in names its blocks
     with pytest.raises(ValueError, match=r"model 'toy_flux': forward_flops needs ModelSpec field\(s\) forward_flops"):
         throughput.forward_flops("toy_flux", {}, 1, 1)
 

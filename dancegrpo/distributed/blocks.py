@@ -34,6 +34,8 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..models import block_classes, denoiser_blocks   # the registry, with the built-in models in it
+
 CHECKPOINT_MODES = ("none", "full", "selective")
 _MARK = "_dancegrpo_checkpoint_mode"   # set on a wrapped block: the mode
 _MODEL_MARK = "_dancegrpo_checkpointing_applied"
@@ -78,49 +80,18 @@ def transformer_blocks(model: nn.Module) -> list[nn.Module]:
     """The repeated blocks of a diffusers denoiser, in execution order: the units to checkpoint,
     compile and shard.
 
-    - FluxTransformer2DModel (FLUX.1-dev, the toy model): transformer_blocks (double stream),
-      then single_transformer_blocks.
-    - HunyuanVideoTransformer3DModel (HunyuanVideo, SkyReels-I2V): the token refiner's blocks
-      (text only, 2 in the release), transformer_blocks (double stream), single_transformer_blocks.
-    - WanTransformer3DModel (Wan 2.1 / 2.2, text- and image-to-video): `blocks`, the units diffusers'
-      gradient checkpointing wraps (self-attention, cross-attention and feed-forward each).
-    - UNet2DConditionModel (SD v1.4): each ResNet block and each attention (Transformer2DModel)
-      block of the down, mid and up stages, as diffusers' own gradient checkpointing wraps them.
+    Each model's `ModelSpec.denoiser_blocks` (dancegrpo/models/<model>.py) says which they are for
+    its denoiser class; the class is looked up through its bases (FSDP2 swaps it for a subclass
+    "FSDP<Name>"), in the wrappers torch.compile and peft put around it (`unwrap_denoiser`).
+    Raises ValueError naming the class and the classes the registered models cover.
     """
     inner = unwrap_denoiser(model)
-    name = type(inner).__name__
-    # FSDP2 swaps the class for a subclass "FSDP<Name>"; look through it.
-    for cls in type(inner).__mro__:
-        if cls.__name__ in ("FluxTransformer2DModel",):
-            return list(inner.transformer_blocks) + list(inner.single_transformer_blocks)
-        if cls.__name__ in ("HunyuanVideoTransformer3DModel", "HunyuanSkyreelsImageToVideoTransformer3DModel"):
-            refiner = inner.context_embedder.token_refiner.refiner_blocks
-            return list(refiner) + list(inner.transformer_blocks) + list(inner.single_transformer_blocks)
-        if cls.__name__ == "WanTransformer3DModel":
-            return list(inner.blocks)
-        if cls.__name__ == "UNet2DConditionModel":
-            return _unet_blocks(inner)
-    raise ValueError(f"transformer_blocks: {name} is not a denoiser whose blocks are known (known: "
-                     f"FluxTransformer2DModel, HunyuanVideoTransformer3DModel, WanTransformer3DModel, "
-                     f"UNet2DConditionModel); "
-                     f"add its block lists to dancegrpo/distributed/blocks.py")
-
-
-def _unet_blocks(unet: nn.Module) -> list[nn.Module]:
-    blocks: list[nn.Module] = []
-    for stage in [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]:
-        resnets = list(getattr(stage, "resnets", None) or [])
-        attentions = list(getattr(stage, "attentions", None) or [])
-        if attentions and len(attentions) == len(resnets) - 1:    # the mid block: resnet, (attn, resnet)*
-            blocks.append(resnets[0])
-            for attn, res in zip(attentions, resnets[1:]):
-                blocks += [attn, res]
-        else:                                                       # down/up blocks: (resnet, attn?)*
-            for i, res in enumerate(resnets):
-                blocks.append(res)
-                if i < len(attentions):
-                    blocks.append(attentions[i])
-    return blocks
+    blocks = denoiser_blocks(cls.__name__ for cls in type(inner).__mro__)
+    if blocks is None:
+        raise ValueError(f"transformer_blocks: {type(inner).__name__} is not a denoiser whose blocks a registered "
+                         f"model gives (known: {', '.join(block_classes())}); give its block lists in its "
+                         f"ModelSpec's denoiser_blocks")
+    return blocks(inner)
 
 
 def _checkpointed_forward(block_forward: Callable[..., Any]) -> Callable[..., Any]:

@@ -61,7 +61,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, param_dtype: str = "fp32", r
     units = blocks.transformer_blocks(model)
     if not units:
         raise ValueError(f"{type(model).__name__} has no transformer blocks to shard one by one "
-                         "(expected transformer_blocks / single_transformer_blocks, Wan's blocks or UNet blocks)")
+                         "(its ModelSpec.denoiser_blocks gives an empty list)")
     gathered = None if param_dtype == "fp32" else DTYPES[param_dtype]  # None: each parameter's own dtype
     options = dict(mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=gathered,
                                                              reduce_dtype=DTYPES[reduce_dtype]))

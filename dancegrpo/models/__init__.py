@@ -8,7 +8,16 @@ from __future__ import annotations
 
 from . import flux, hunyuan_video, qwen_image, sd14, sd35, skyreels_i2v, toy_flux, wan, wan_i2v
 from .base import Conditioning, GeneratorAdapter, index_cond, repeat_cond
-from .spec import ModelSpec, get_model_spec, model_names, register_model, unregister_model
+from .spec import (
+    BlockLists,
+    ModelSpec,
+    block_classes,
+    denoiser_blocks,
+    get_model_spec,
+    model_names,
+    register_model,
+    unregister_model,
+)
 
 for _spec in (toy_flux.SPEC, sd14.SPEC, flux.SPEC, hunyuan_video.SPEC, skyreels_i2v.SPEC, sd35.SPEC,
               qwen_image.SPEC, wan.SPEC, wan_i2v.SPEC):
@@ -24,5 +33,6 @@ def load_model(name: str, path: str = "", options: dict | None = None):
     return get_model_spec(name).load(path, dict(options or {}))
 
 
-__all__ = ["Conditioning", "GeneratorAdapter", "ModelSpec", "get_model_spec", "index_cond", "load_model",
-           "model_names", "register_model", "repeat_cond", "unregister_model"]
+__all__ = ["BlockLists", "Conditioning", "GeneratorAdapter", "ModelSpec", "block_classes", "denoiser_blocks",
+           "get_model_spec", "index_cond", "load_model", "model_names", "register_model", "repeat_cond",
+           "unregister_model"]

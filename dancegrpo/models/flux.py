@@ -19,7 +19,7 @@ from .checkpoint_layout import Component
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
 from .flux_packing import latent_image_ids, pack_latents, unpack_latents
 from .options import at_least
-from .spec import ModelSpec, option_defaults
+from .spec import BlockLists, ModelSpec, option_defaults
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -150,6 +150,8 @@ TINY_TRANSFORMER = dict(patch_size=1, in_channels=16, num_layers=2, num_single_l
                         num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=32, guidance_embeds=True,
                         axes_dims_rope=(2, 2, 4))
 TEXT_TOKENS = 512   # the T5 sequence of the prompt cache (FluxPromptEncoder's max_sequence_length)
+# The units diffusers' gradient checkpointing wraps: each double-stream, then each single-stream block.
+BLOCKS = {"FluxTransformer2DModel": BlockLists("transformer_blocks", "single_transformer_blocks")}
 
 
 def denoiser_inputs(config: dict, options: dict, rows: int) -> dict:
@@ -226,6 +228,7 @@ SPEC = ModelSpec(
     vae_config=FLUX_DEV_VAE,
     checkpointed_blocks="each double- and single-stream transformer block",
     text_tokens=TEXT_TOKENS,
+    denoiser_blocks=BLOCKS,
     denoiser_inputs=denoiser_inputs,
     latent_numel=latent_numel,
     cond_bytes=cond_bytes,

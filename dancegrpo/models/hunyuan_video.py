@@ -22,7 +22,7 @@ from .base import Conditioning
 from .checkpoint_layout import Component
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
 from .options import at_least
-from .spec import ModelSpec, option_defaults
+from .spec import BlockLists, ModelSpec, option_defaults
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLHunyuanVideo, HunyuanVideoTransformer3DModel
@@ -191,6 +191,10 @@ TINY_TRANSFORMER = dict(in_channels=4, out_channels=4, num_attention_heads=2, at
                         num_single_layers=2, num_refiner_layers=2, patch_size=2, patch_size_t=1, text_embed_dim=32,
                         pooled_projection_dim=32, rope_axes_dim=(2, 2, 4), guidance_embeds=True)
 TEXT_TOKENS = 256   # the Llama sequence of the prompt cache (HunyuanPromptEncoder's max_sequence_length)
+# The text token refiner's blocks (text only, 2 in the release), then the double- and single-stream
+# blocks: the latter two are what diffusers' gradient checkpointing wraps.
+BLOCKS = {"HunyuanVideoTransformer3DModel": BlockLists("context_embedder.token_refiner.refiner_blocks",
+                                                       "transformer_blocks", "single_transformer_blocks")}
 
 
 def latent_frames(options: dict) -> int:
@@ -289,6 +293,7 @@ SPEC = ModelSpec(
     vae_config=HUNYUAN_VIDEO_VAE,
     checkpointed_blocks="each double- and single-stream transformer block",
     text_tokens=TEXT_TOKENS,
+    denoiser_blocks=BLOCKS,
     denoiser_inputs=denoiser_inputs,
     latent_numel=latent_numel,
     cond_bytes=cond_bytes,

@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import transformer_costs as costs
 from .base import Conditioning
 from .checkpoint_layout import Component
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution
 from .flux_packing import pack_latents, unpack_latents
 from .options import at_least
 from .prompt_cache import EMPTY_PROMPT
-from .spec import ModelSpec, option_defaults
+from .spec import BlockLists, ModelSpec, option_defaults
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
@@ -296,6 +297,56 @@ def exponential_shift(image_tokens: int, base_seq_len: int = 256, max_seq_len: i
     return math.exp(base_shift + slope * (image_tokens - base_seq_len))
 
 
+
+# FLOPs and parameters of diffusers' QwenImageTransformer2DModel (transformer_qwenimage.py, v0.42): its
+# blocks are FLUX's double-stream blocks (AdaLN-Zero 6d per stream, q/k/v/out per stream with RMS QK-norms,
+# MLP 4d), so transformer_costs counts them; tests compare with torch.utils.flop_counter and sum(numel).
+def token_counts(config: dict, options: dict) -> tuple[int, int]:
+    """(image tokens, text tokens): the VAE's 8x compression, then p x p packing; the text at the cache's
+    full length (an upper bound: `encode_prompts` trims it to the batch's longest prompt)."""
+    p = config["patch_size"]
+    return ((options["height"] // 8 // p) * (options["width"] // 8 // p),
+            options.get("max_sequence_length", TEXT_TOKENS))
+
+
+def forward_flops(config: dict, image_tokens: int, text_tokens: int) -> int:
+    """One sample's forward: the timestep embedder, the image and text input projections, the
+    double-stream blocks on N = N_i + N_t tokens, the output modulation and projection."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    out = config["patch_size"] ** 2 * (config.get("out_channels") or config["in_channels"])
+    return (costs.embedder_flops(256, d) + costs.lin(image_tokens, config["in_channels"], d)
+            + costs.lin(text_tokens, config["joint_attention_dim"], d)
+            + config["num_layers"] * costs.double_block_flops(image_tokens + text_tokens, d, 4 * d)
+            + costs.lin(1, d, 2 * d) + costs.lin(image_tokens, d, out))
+
+
+def block_parameter_counts(config: dict) -> list[int]:
+    """Each QwenImageTransformerBlock (a FLUX double-stream block)."""
+    d, head_dim = config["num_attention_heads"] * config["attention_head_dim"], config["attention_head_dim"]
+    return [costs.double_block_params(d, head_dim, 4 * d)] * config["num_layers"]
+
+
+def parameter_count(config: dict) -> int:
+    """Blocks, the timestep embedder (and Qwen-Image-Edit's 2-row addition table), the text RMS norm,
+    the input projections and the output head."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    out = config["patch_size"] ** 2 * (config.get("out_channels") or config["in_channels"])
+    return (sum(block_parameter_counts(config)) + costs.embedder_params(256, d)
+            + (2 * d if config.get("use_additional_t_cond") else 0) + config["joint_attention_dim"]
+            + costs.linear_params(config["in_channels"], d) + costs.linear_params(config["joint_attention_dim"], d)
+            + costs.linear_params(d, 2 * d) + costs.linear_params(d, out))
+
+
+def attention_layers(config: dict) -> int:
+    """Joint (image + text) attention layers: one per block."""
+    return config["num_layers"]
+
+
+# tests/tiny_models.py's Qwen-Image transformer.
+TINY_TRANSFORMER = dict(patch_size=2, in_channels=16, out_channels=4, num_layers=2, attention_head_dim=8,
+                        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(2, 2, 4))
+
+
 SPEC = ModelSpec(
     name="qwen_image",
     load=QwenImageGenerator.from_pretrained,
@@ -309,7 +360,18 @@ SPEC = ModelSpec(
     vae_config=QWEN_IMAGE_VAE,
     checkpointed_blocks="each of the 60 dual-stream transformer blocks",
     text_tokens=TEXT_TOKENS,
+    # each QwenImageTransformerBlock: the units diffusers' gradient checkpointing wraps
+    denoiser_blocks={"QwenImageTransformer2DModel": BlockLists("transformer_blocks")},
     denoiser_inputs=denoiser_inputs,
     latent_numel=latent_numel,
     cond_bytes=cond_bytes,
+    token_counts=token_counts,
+    forward_flops=forward_flops,
+    parameter_count=parameter_count,
+    block_parameter_counts=block_parameter_counts,
+    attention_layers=attention_layers,
+    bench_recipe="configs/qwen_image.yaml",
+    tiny_config=TINY_TRANSFORMER,
+    tiny_options=dict(height=64, width=64, max_sequence_length=8),
+    tiny_batch=2,
 )

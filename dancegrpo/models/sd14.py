@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .base import Conditioning
 from .checkpoint_layout import Component, read_json
@@ -175,6 +176,27 @@ def cond_bytes(options: dict) -> int:
     return 2 * TEXT_TOKENS * 768 * 4
 
 
+def unet_blocks(unet: nn.Module) -> list[nn.Module]:
+    """Each ResNet block and each attention (Transformer2DModel) block of the UNet's down, mid and up
+    stages, in execution order: the units diffusers' own gradient checkpointing wraps (or, for the
+    attention blocks, the modules around them). The mid block runs resnet, (attention, resnet)*; the
+    down and up blocks (resnet, attention?)*."""
+    blocks: list[nn.Module] = []
+    for stage in [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]:
+        resnets = list(getattr(stage, "resnets", None) or [])
+        attentions = list(getattr(stage, "attentions", None) or [])
+        if attentions and len(attentions) == len(resnets) - 1:    # the mid block: resnet, (attn, resnet)*
+            blocks.append(resnets[0])
+            for attn, res in zip(attentions, resnets[1:]):
+                blocks += [attn, res]
+        else:                                                       # down/up blocks: (resnet, attn?)*
+            for i, res in enumerate(resnets):
+                blocks.append(res)
+                if i < len(attentions):
+                    blocks.append(attentions[i])
+    return blocks
+
+
 SPEC = ModelSpec(
     name="sd14",
     load=SD14Generator.from_pretrained,
@@ -187,6 +209,7 @@ SPEC = ModelSpec(
     vae_config=SD14_VAE,
     checkpointed_blocks="each ResNet block and each transformer block of the UNet",
     text_tokens=TEXT_TOKENS,
+    denoiser_blocks={"UNet2DConditionModel": unet_blocks},
     denoiser_inputs=denoiser_inputs,
     latent_numel=latent_numel,
     cond_bytes=cond_bytes,

@@ -17,12 +17,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from . import transformer_costs as costs
 from .base import Conditioning
 from .checkpoint_layout import Component, read_json
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
 from .options import at_least
 from .prompt_cache import PromptCache
-from .spec import ModelSpec, option_defaults
+from .spec import BlockLists, ModelSpec, option_defaults
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, SD3Transformer2DModel
@@ -226,6 +227,83 @@ def cond_bytes(options: dict) -> int:
     return 2 * (text_tokens(options) * 4096 + 2048) * 2
 
 
+
+# FLOPs and parameters of diffusers' SD3Transformer2DModel (transformer_sd3.py, attention.py's
+# JointTransformerBlock, v0.42), in transformer_costs' terms; tests compare them with
+# torch.utils.flop_counter and sum(numel) on tiny configs (tests/test_bench_costs.py).
+def token_counts(config: dict, options: dict) -> tuple[int, int]:
+    """(image tokens, text tokens): the VAE's 8x compression, then p x p patches; CLIP's 77 + the T5 sequence."""
+    p = config["patch_size"]
+    return (options["height"] // 8 // p) * (options["width"] // 8 // p), text_tokens(options)
+
+
+def _blocks(config: dict):
+    """(d, is the last block (context_pre_only: no text output projection, no text MLP), has MMDiT-X's
+    second, image-only attention) of each JointTransformerBlock."""
+    d = config["num_attention_heads"] * config["attention_head_dim"]
+    dual = set(config.get("dual_attention_layers") or ())
+    return [(d, i == config["num_layers"] - 1, i in dual) for i in range(config["num_layers"])]
+
+
+def forward_flops(config: dict, image_tokens: int, text_tokens: int) -> int:
+    """One sample's forward. Each block: AdaLN-Zero modulation of the image (6d, or 9d with the second
+    attention) and text (6d; the last block's 2d) streams; joint attention, lin(N, d, 3d) + 4 N^2 d with
+    N = N_i + N_t, output projections of the image (and, but in the last block, text) tokens; the second
+    attention lin(N_i, d, 3d) + 4 N_i^2 d + lin(N_i, d, d); MLPs (hidden 4d) of the image (and text)
+    tokens. Once: the patch embedding, the timestep and pooled-text embedders, the T5/CLIP context
+    projection, the output modulation and projection."""
+    ni, nt = image_tokens, text_tokens
+    n, total = ni + nt, 0
+    for d, last, dual in _blocks(config):
+        total += costs.lin(1, d, (9 if dual else 6) * d) + costs.lin(1, d, (2 if last else 6) * d)
+        total += costs.lin(n, d, 3 * d) + 4 * n * n * d + costs.lin(ni if last else n, d, d)
+        total += (costs.lin(ni, d, 3 * d) + 4 * ni * ni * d + costs.lin(ni, d, d)) if dual else 0
+        rows = ni if last else n
+        total += costs.lin(rows, d, 4 * d) + costs.lin(rows, 4 * d, d)
+    d, p = _blocks(config)[0][0], config["patch_size"]
+    out = config.get("out_channels") or config["in_channels"]
+    return (total + costs.lin(ni, config["in_channels"] * p * p, d) + costs.embedder_flops(256, d)
+            + costs.embedder_flops(config["pooled_projection_dim"], d)
+            + costs.lin(nt, config["joint_attention_dim"], config["caption_projection_dim"])
+            + costs.lin(1, d, 2 * d) + costs.lin(ni, d, p * p * out))
+
+
+def block_parameter_counts(config: dict) -> list[int]:
+    """Each JointTransformerBlock: modulations, joint attention (q, k, v and out per stream; RMS QK-norms of
+    head_dim per stream), the second attention and its QK-norms, the MLPs."""
+    head_norms = 2 * config["attention_head_dim"] if config.get("qk_norm") else 0
+    counts = []
+    for d, last, dual in _blocks(config):
+        block = costs.linear_params(d, (9 if dual else 6) * d) + costs.linear_params(d, (2 if last else 6) * d)
+        block += (7 if last else 8) * costs.linear_params(d, d) + 2 * head_norms
+        block += (4 * costs.linear_params(d, d) + head_norms) if dual else 0
+        block += (1 if last else 2) * costs.mlp_params(d, 4 * d)
+        counts.append(block)
+    return counts
+
+
+def parameter_count(config: dict) -> int:
+    """Blocks, the patch-embedding conv (its position table is a buffer), the embedders, the context
+    projection and the output head."""
+    d, p = config["num_attention_heads"] * config["attention_head_dim"], config["patch_size"]
+    out = config.get("out_channels") or config["in_channels"]
+    return (sum(block_parameter_counts(config)) + costs.linear_params(config["in_channels"] * p * p, d)
+            + costs.embedder_params(256, d) + costs.embedder_params(config["pooled_projection_dim"], d)
+            + costs.linear_params(config["joint_attention_dim"], config["caption_projection_dim"])
+            + costs.linear_params(d, 2 * d) + costs.linear_params(d, p * p * out))
+
+
+def attention_layers(config: dict) -> int:
+    """Joint (image + text) attention layers: one per block (MMDiT-X's image-only second attention aside)."""
+    return config["num_layers"]
+
+
+# tests/tiny_models.py's SD3.5 transformer with 3 blocks (MMDiT-X's second attention in block 0).
+TINY_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=8,
+                        num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=16,
+                        pooled_projection_dim=48, pos_embed_max_size=16, dual_attention_layers=(0,), qk_norm="rms_norm")
+
+
 SPEC = ModelSpec(
     name="sd35",
     load=SD35Generator.from_pretrained,
@@ -238,7 +316,19 @@ SPEC = ModelSpec(
     vae_config=SD35_VAE,
     checkpointed_blocks="each joint transformer block",
     text_tokens=CLIP_TOKENS + T5_TOKENS,
+    # each JointTransformerBlock (with its second, image-only attention in MMDiT-X's blocks 0-12): the
+    # units diffusers' gradient checkpointing wraps
+    denoiser_blocks={"SD3Transformer2DModel": BlockLists("transformer_blocks")},
     denoiser_inputs=denoiser_inputs,
     latent_numel=latent_numel,
     cond_bytes=cond_bytes,
+    token_counts=token_counts,
+    forward_flops=forward_flops,
+    parameter_count=parameter_count,
+    block_parameter_counts=block_parameter_counts,
+    attention_layers=attention_layers,
+    bench_recipe="configs/sd35_hps.yaml",
+    tiny_config=TINY_TRANSFORMER,
+    tiny_options=dict(height=64, width=64, max_sequence_length=8),
+    tiny_batch=2,
 )

@@ -166,6 +166,7 @@ SPEC = ModelSpec(
     vae_config=hunyuan_video.HUNYUAN_VIDEO_VAE,
     checkpointed_blocks="each double- and single-stream transformer block",
     text_tokens=hunyuan_video.TEXT_TOKENS,
+    denoiser_blocks=hunyuan_video.BLOCKS,
     denoiser_inputs=hunyuan_video.denoiser_inputs,
     latent_numel=hunyuan_video.latent_numel,
     cond_bytes=cond_bytes,

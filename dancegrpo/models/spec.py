@@ -13,7 +13,8 @@ own (the design follows torchtitan's `TrainSpec`: one registration per model):
   `denoiser_inputs`, `token_counts`, `forward_flops`, `attention_masked`, `sliding_tile_attention`;
 - `bench.scaling_model`: `forward_flops`, `parameter_count`, `block_parameter_counts`,
   `attention_layers`, `bench_recipe`;
-- the config's option-pair checks: `sequence_parallel`.
+- the config's option-pair checks: `sequence_parallel`;
+- activation checkpointing, `compile_blocks` and FSDP2 (dancegrpo.distributed.blocks): `denoiser_blocks`.
 
 Only `name` and `load` are required; a consumer that needs a field the spec leaves unset refuses
 the model by name (`ModelSpec.require`). Registering must stay cheap: a spec's module must not
@@ -22,7 +23,7 @@ import diffusers or transformers at import time (adapters import them where they
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class ModelSpec:
     checkpointed_blocks: str = ""
     #: Text tokens per prompt as the prompt cache stores them (`max_sequence_length` default).
     text_tokens: int = 0
+    #: {diffusers class name of the denoiser: blocks(denoiser) -> its repeated blocks, in execution
+    #: order}: the units activation checkpointing, `compile_blocks` and FSDP2 wrap one by one
+    #: (dancegrpo.distributed.blocks looks a denoiser's class up here, through its bases). A value is
+    #: usually `BlockLists("transformer_blocks", ...)`; two models naming one class must agree.
+    denoiser_blocks: dict = field(default_factory=dict)
 
     # ---- shapes and sizes (functions of the denoiser config and `model.options`)
     #: (config, options, batch) -> keyword inputs of one denoiser call with random tensors of the
@@ -93,8 +99,8 @@ class ModelSpec:
     tiny_batch: int = 1
 
     def missing(self, *fields: str) -> list[str]:
-        """The names among `fields` this spec leaves unset (None, "", 0 or False)."""
-        return [name for name in fields if getattr(self, name) in (None, "", 0)]
+        """The names among `fields` this spec leaves unset (None, "", 0, False or {})."""
+        return [name for name in fields if getattr(self, name) in (None, "", 0, {})]
 
     def require(self, consumer: str, *fields: str) -> "ModelSpec":
         """Self, or ValueError naming the model, `consumer` and the unset fields."""
@@ -103,6 +109,33 @@ class ModelSpec:
             raise ValueError(f"model {self.name!r}: {consumer} needs ModelSpec field(s) {', '.join(missing)}, which "
                              f"its spec leaves unset; models it covers: {', '.join(model_names(*fields)) or 'none'}")
         return self
+
+
+@dataclass(frozen=True, init=False)
+class BlockLists:
+    """blocks(denoiser) -> the modules of the `nn.ModuleList`s at `paths` (dotted attribute paths from
+    the denoiser), concatenated in the order given, e.g. `BlockLists("transformer_blocks",
+    "single_transformer_blocks")`. Equal when the paths are (two specs naming one class may share it)."""
+
+    paths: tuple[str, ...]
+
+    def __init__(self, *paths: str) -> None:
+        if not paths or not all(isinstance(p, str) and p for p in paths):
+            raise ValueError(f"BlockLists needs one or more attribute paths, got {paths!r}")
+        object.__setattr__(self, "paths", paths)
+
+    def __call__(self, denoiser: Any) -> list:
+        """ValueError naming the class and the path when the denoiser lacks one of the lists."""
+        blocks: list = []
+        for path in self.paths:
+            module = denoiser
+            for part in path.split("."):
+                module = getattr(module, part, None)
+                if module is None:
+                    raise ValueError(f"{type(denoiser).__name__} has no block list {path!r} "
+                                     f"(ModelSpec.denoiser_blocks names {list(self.paths)})")
+            blocks += list(module)
+        return blocks
 
 
 _REGISTRY: dict[str, ModelSpec] = {}
@@ -120,6 +153,12 @@ def register_model(spec: ModelSpec, replace: bool = False) -> ModelSpec:
         raise TypeError(f"ModelSpec {spec.name!r}: needs a non-empty name and a callable load")
     if spec.name in _REGISTRY and not replace:
         raise ValueError(f"model {spec.name!r} is already registered; pick another name or pass replace=True")
+    for other in _REGISTRY.values():
+        for cls, blocks in spec.denoiser_blocks.items():
+            if other.name != spec.name and other.denoiser_blocks.get(cls, blocks) != blocks:
+                raise ValueError(f"model {spec.name!r}: denoiser_blocks[{cls!r}] = {blocks!r} differs from registered "
+                                 f"model {other.name!r}'s {other.denoiser_blocks[cls]!r}; a denoiser class has one "
+                                 f"list of blocks (give the same value, or unregister {other.name!r} first)")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -140,6 +179,21 @@ def get_model_spec(name: str) -> ModelSpec:
 def model_names(*fields: str) -> list[str]:
     """Registered model names in registration order; with `fields`, only models that set all of them."""
     return [name for name, spec in _REGISTRY.items() if not spec.missing(*fields)]
+
+
+def denoiser_blocks(class_names: Iterable[str]) -> Callable[[Any], list] | None:
+    """The `denoiser_blocks` function of the first of `class_names` (a class and its bases, most
+    derived first) that a registered spec names, or None."""
+    for name in class_names:
+        for spec in _REGISTRY.values():
+            if name in spec.denoiser_blocks:
+                return spec.denoiser_blocks[name]
+    return None
+
+
+def block_classes() -> list[str]:
+    """The denoiser class names whose blocks the registered specs give."""
+    return list(dict.fromkeys(name for spec in _REGISTRY.values() for name in spec.denoiser_blocks))
 
 
 def option_defaults(options_class: type) -> dict:

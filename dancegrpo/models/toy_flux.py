@@ -36,7 +36,7 @@ from ..attention.backends import install_attention_backend
 from ..messages import short_repr, some_of
 from .base import Conditioning
 from .flux_packing import latent_image_ids, pack_latents, unpack_latents
-from .spec import ModelSpec
+from .spec import BlockLists, ModelSpec
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, FluxTransformer2DModel
@@ -281,4 +281,6 @@ SPEC = ModelSpec(
     name="toy_flux",
     load=_load,
     default_options={name: p.default for name, p in _LOADER_OPTIONS.items() if name != "directory"},
+    # a FLUX transformer: each double-stream, then each single-stream block (as flux.BLOCKS)
+    denoiser_blocks={"FluxTransformer2DModel": BlockLists("transformer_blocks", "single_transformer_blocks")},
 )

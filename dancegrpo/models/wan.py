@@ -33,12 +33,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from . import wan_costs
 from .base import Conditioning
 from .checkpoint_layout import CheckpointLayoutError, Component, read_json
 from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution
 from .options import at_least
 from .prompt_cache import EMPTY_PROMPT
-from .spec import ModelSpec, option_defaults
+from .spec import BlockLists, ModelSpec, option_defaults
 from .wan_experts import EXPERTS, ExpertSet, frozen_references, prepare_expert, save_experts
 
 if TYPE_CHECKING:
@@ -354,7 +355,16 @@ SPEC = ModelSpec(
     vae_config=WAN_VAE,
     checkpointed_blocks="each WanTransformerBlock",
     text_tokens=TEXT_TOKENS,
+    denoiser_blocks={"WanTransformer3DModel": BlockLists("blocks")},   # what diffusers' checkpointing wraps
     denoiser_inputs=denoiser_inputs,
     latent_numel=latent_numel,
     cond_bytes=cond_bytes,
+    token_counts=wan_costs.token_counts,
+    forward_flops=wan_costs.forward_flops,
+    parameter_count=wan_costs.parameter_count,
+    block_parameter_counts=wan_costs.block_parameter_counts,
+    bench_recipe="configs/wan21_t2v.yaml",
+    tiny_config=wan_costs.TINY_T2V,
+    tiny_options=wan_costs.TINY_T2V_OPTIONS,
+    tiny_batch=2,
 )

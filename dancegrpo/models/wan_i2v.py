@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..messages import short_repr
-from . import wan
+from . import wan, wan_costs
 from .base import Conditioning
 from .checkpoint_layout import CheckpointLayoutError, Component, read_json
 from .prompt_cache import PromptCache
@@ -214,7 +214,16 @@ SPEC = ModelSpec(
     vae_config=wan.WAN_VAE,
     checkpointed_blocks="each WanTransformerBlock",
     text_tokens=I2V_TEXT_TOKENS,
+    denoiser_blocks=wan.SPEC.denoiser_blocks,
     denoiser_inputs=wan.denoiser_inputs,
     latent_numel=wan.latent_numel,
     cond_bytes=cond_bytes,
+    token_counts=wan_costs.token_counts,
+    forward_flops=wan_costs.forward_flops,
+    parameter_count=wan_costs.parameter_count,
+    block_parameter_counts=wan_costs.block_parameter_counts,
+    bench_recipe="configs/wan_i2v.yaml",
+    tiny_config=wan_costs.TINY_I2V,
+    tiny_options=wan_costs.TINY_I2V_OPTIONS,
+    tiny_batch=2,
 )

@@ -43,8 +43,8 @@ it with torch.utils.flop_counter on tiny configs): the double- and single-stream
 HunyuanVideo's text token refiner blocks, the embeddings (patch / text projections, timestep,
 guidance, pooled text) and the output head, as dancegrpo/models/transformer_costs.py counts them
 with N = N_i + N_t tokens (N_i image/video, N_t text); Wan's self- and cross-attention blocks as
-dancegrpo/models/wan_costs.py counts them, SD3.5's joint blocks and Qwen-Image's in their modules. Non-matmul work (norms, RoPE, activations)
-is not counted. A training step is counted as
+dancegrpo/models/wan_costs.py counts them, SD3.5's joint blocks and Qwen-Image's in their
+modules. Non-matmul work (norms, RoPE, activations) is not counted. A training step is counted as
 3 x forward (backward = 2 x forward) whatever the checkpointing: MFU counts the model's
 FLOPs, not the recomputation's (which "hfu" in the CSV adds: +1 forward for full).
 MFU = 3 x forward FLOPs x samples/s / (peak dense bf16 FLOP/s of the device): H100 SXM, H800

@@ -86,7 +86,8 @@ def denoiser_modules(adapter, trainable: nn.Module) -> list[nn.Module]:
     return unique
 
 
-def parallelize_denoiser(adapter, trainable: nn.Module, par: ParallelConfig, mesh, device: torch.device) -> Parallelized:
+def parallelize_denoiser(adapter, trainable: nn.Module, par: ParallelConfig, mesh,
+                         device: torch.device) -> Parallelized:
     """On each denoiser module (`denoiser_modules`), install sequence parallelism, then block
     checkpointing/compile, then FSDP2 (each only if configured); then make `trainable` hold the
     sharded parameters (`trainable_after_sharding`: LoRA weights re-bound, every trained

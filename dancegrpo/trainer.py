@@ -87,7 +87,7 @@ class Trainer:
         self.ema = EMA(self.policy, t.ema_decay) if t.ema_decay else None
         self.evaluator = EvalModel(ctx, self.ema, self.parallel.reshard)
         self.updater = Updater(ctx, self.policy, self.params, self.optimizer, self.ema, reference,
-                               self.parallel.sharded_module)
+                               self.parallel if self.parallel.sharded else None)
         self.iteration = 0  # iterations completed
         self.metrics: list[dict] = []
         self.base_eval: dict | None = None

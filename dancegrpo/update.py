@@ -77,8 +77,9 @@ class Updater:
 
     `params`: the trained parameters (what the optimizer steps; LoRA: the adapters alone).
     `ema`: an EMA stepped after each optimizer update, or None. `reference`: the frozen initial
-    policy for the KL term (grpo.kl_coef > 0), or None. `sharded_module`: the FSDP2 root when
-    the denoiser is sharded (gradients are reduce-scattered once per update), else None.
+    policy for the KL term (grpo.kl_coef > 0), or None. `sharded_module`: under FSDP, what
+    holds the sharded root(s) (the trainer's `Parallelized`, or one FSDP2 root): anything with
+    `set_requires_gradient_sync(bool)`, so gradients are reduce-scattered once per update; else None.
     """
 
     def __init__(self, ctx: RunContext, policy: torch.nn.Module, params: list[torch.nn.Parameter],

@@ -75,7 +75,7 @@ def test_lora_with_checkpointing_and_compiled_blocks_gives_the_same_step(tiny_fl
 @pytest.mark.parametrize("world,model,parallel,match", [
     ("2", {"name": "flux"}, ["parallel.sp_size=2"],
      r"parallel.sp_size = 2 with model.name = 'flux': Ulysses sequence parallelism exists for hunyuan_video, "
-     r"skyreels_i2v only"),
+     r"skyreels_i2v, wan_t2v, wan_i2v only"),
     ("1", {"name": "flux", "options": {"gradient_checkpointing": True}}, ["parallel.activation_checkpointing=full"],
      r"model.options.gradient_checkpointing = true with parallel.activation_checkpointing = 'full': both "
      r"checkpoint the same blocks"),

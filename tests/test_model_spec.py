@@ -239,4 +239,5 @@ def test_a_registered_spec_reaches_the_option_pair_checks(fake_gen):
                                model=SimpleNamespace(name=name, options={}))
     assert option_pair_problems(cfg("fake_gen")) == []
     problems = option_pair_problems(cfg("flux"))
-    assert len(problems) == 1 and "exists for hunyuan_video, skyreels_i2v, fake_gen only" in problems[0]
+    assert len(problems) == 1
+    assert "exists for hunyuan_video, skyreels_i2v, wan_t2v, wan_i2v, fake_gen only" in problems[0]

@@ -1,8 +1,9 @@
 """Ulysses inside the trainer: a training step of a tiny HunyuanVideo with sliding-tile attention on 2
 sequence-parallel gloo ranks (one data-parallel replica) equals the same step in one process: same
 rollout noise, same rewards, same update; also when only LoRA weights are trained. On 2 x 2 ranks
-(two replicas, FSDP2 over all four) the step is self-consistent (see the test). The same single-process equality for a tiny Wan 2.1 text-to-video
-model, and for a two-expert Wan 2.2 with both experts trained, each its own Ulysses + FSDP2 root."""
+(two replicas, FSDP2 over all four) the step is self-consistent (see the test). The same
+single-process equality for a tiny Wan 2.1 text-to-video model, and for a two-expert Wan 2.2
+with both experts trained, each its own Ulysses + FSDP2 root."""
 from __future__ import annotations
 
 import os

@@ -101,6 +101,16 @@ def check_resolution(model: str, height: int, width: int, multiple: int, why: st
                          f"use e.g. {max(multiple, height // multiple * multiple)} x {max(multiple, width // multiple * multiple)}")
 
 
+def check_frames(model: str, frames: int, temporal: int) -> None:
+    """A video VAE that keeps the first frame and compresses the rest `temporal`x needs
+    frames = temporal * k + 1; refuse any other count, naming the two nearest valid ones."""
+    if (frames - 1) % temporal:
+        k = (frames - 1) // temporal
+        raise ValueError(f"model {model!r}: frames = {frames} is not {temporal}k+1 (the VAE compresses time "
+                         f"{temporal}x after the first frame); use {temporal * k + 1} or "
+                         f"{temporal * (k + 1) + 1} (1 = text-to-image)")
+
+
 class LoraReference:
     """The trainer's reference interface (`active()`), for a LoRA denoiser: adapters off."""
 

@@ -20,7 +20,8 @@ import torch
 from . import transformer_costs as costs
 from .base import Conditioning
 from .checkpoint_layout import Component
-from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution, vae_spatial_factor
+from .diffusers_generator import (DiffusersGenerator, GeneratorOptions, check_frames, check_resolution,
+                                 vae_spatial_factor)
 from .options import at_least
 from .spec import BlockLists, ModelSpec, option_defaults
 
@@ -75,12 +76,7 @@ class HunyuanVideoGenerator(DiffusersGenerator):
         patch = denoiser_config.get("patch_size", 2)
         check_resolution(cls.model_name, options.height, options.width, factor * patch,
                          f"VAE factor {factor} x patch size {patch}")
-        temporal = vae_config.get("temporal_compression_ratio", 4)
-        if (options.frames - 1) % temporal:
-            k = (options.frames - 1) // temporal
-            raise ValueError(f"model {cls.model_name!r}: frames = {options.frames} is not {temporal}k+1 (the VAE "
-                             f"compresses time {temporal}x after the first frame); use {temporal * k + 1} or "
-                             f"{temporal * (k + 1) + 1} (1 = text-to-image)")
+        check_frames(cls.model_name, options.frames, vae_config.get("temporal_compression_ratio", 4))
 
     @classmethod
     def load_denoiser(cls, root: Path) -> HunyuanVideoTransformer3DModel:

@@ -36,7 +36,7 @@ from torch import nn
 from . import wan_costs
 from .base import Conditioning
 from .checkpoint_layout import CheckpointLayoutError, Component, read_json
-from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_resolution
+from .diffusers_generator import DiffusersGenerator, GeneratorOptions, check_frames, check_resolution
 from .options import at_least
 from .prompt_cache import EMPTY_PROMPT
 from .spec import BlockLists, ModelSpec, option_defaults
@@ -143,12 +143,7 @@ class WanGenerator(DiffusersGenerator):
         patch = denoiser_config.get("patch_size", [1, 2, 2])[-1]
         check_resolution(cls.model_name, options.height, options.width, factor * patch,
                          f"VAE factor {factor} x patch size {patch}")
-        temporal = vae_config.get("scale_factor_temporal", 4)
-        if (options.frames - 1) % temporal:
-            k = (options.frames - 1) // temporal
-            raise ValueError(f"model {cls.model_name!r}: frames = {options.frames} is not {temporal}k+1 (the VAE "
-                             f"compresses time {temporal}x after the first frame); use {temporal * k + 1} or "
-                             f"{temporal * (k + 1) + 1} (1 = text-to-image)")
+        check_frames(cls.model_name, options.frames, vae_config.get("scale_factor_temporal", 4))
 
     @classmethod
     def load_denoiser(cls, root: Path, subfolder: str = "transformer") -> WanTransformer3DModel:

@@ -17,6 +17,7 @@ are summed over ranks (FSDP2 or one flat all-reduce), and only rank 0 writes log
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import re
 import time
@@ -214,6 +215,8 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.run_dir / "config.yaml")
         resumed = self.resume(checkpoint) if checkpoint is not None else False
+        if resumed and self.iteration >= total and self._already_finished():
+            return self.metrics
         logger = MetricsLogger(self.run_dir, resume=resumed, console=False) if main else SilentLogger()
         if resumed:
             logger.truncate_after(self.iteration)
@@ -255,6 +258,25 @@ class Trainer:
                     self.summary = write_report(self.run_dir, self.base_eval, final, self.eval_prompts)
                     tqdm.write(self.summary)
         return self.metrics
+
+    def _already_finished(self) -> bool:
+        """A resumed run that had finished (final_model/ written, and its final evaluation in
+        summary.json when it evaluates): nothing to redo, and no second final-evaluation row.
+        Under torchrun every rank must see it so."""
+        done = (self.run_dir / "final_model").is_dir()
+        summary = self.run_dir / "summary.json"
+        if self.eval_prompts:
+            done = done and summary.is_file()
+        if self.dp.enabled:
+            done = not agree_any(not done, self.device)
+        if not done:
+            return False
+        if self.eval_prompts:
+            report = json.loads(summary.read_text())
+            self.final_eval, self.summary = report.get("final"), report.get("summary")
+        log.info("%s is complete at iteration %d (final_model/ written): nothing to do; give --iterations "
+                 "(or trainer.iterations) above %d to train on", self.run_dir, self.iteration, self.iteration)
+        return True
 
     def _prepare_run_folder(self, resume: bool | str, overwrite: bool) -> Path | None:
         """The checkpoint to resume from, or None to start; see dancegrpo.run_folder. Under torchrun

@@ -382,3 +382,22 @@ def test_a_run_with_no_reward_at_all_is_refused(tiny_config):
         Trainer(tiny_config)
     with pytest.raises(ConfigError, match="'mine': int is not callable"):
         Trainer(tiny_config, rewards={"mine": 3})
+
+
+def test_resuming_a_finished_run_redoes_nothing(tiny_config, tmp_path):
+    """A finished run resumed (a torchrun restart, a repeated command) neither evaluates again nor
+    adds a second final-evaluation row; a larger iteration count trains on."""
+    cfg = copy.deepcopy(tiny_config)
+    cfg["run"]["output_dir"] = str(tmp_path / "run")
+    cfg["trainer"]["iterations"] = 1
+    first = Trainer(cfg)
+    first.train(progress=False)
+    rows = (tmp_path / "run" / "metrics.jsonl").read_text()
+    again = Trainer(cfg)
+    again.evaluate = lambda *a, **k: pytest.fail("a finished run was evaluated again")
+    again.train(resume=True, progress=False)
+    assert again.iteration == 1 and again.final_eval == first.final_eval and again.summary == first.summary
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == rows
+    more = Trainer(cfg)
+    more.train(iterations=2, resume=True, progress=False)
+    assert more.iteration == 2 and len(read_metrics(tmp_path / "run")) > len(rows.splitlines())

@@ -296,7 +296,8 @@ class AdapterTesterMixin:
 
     def inputs(self, adapter, batch: int, seed: int = 0):
         """Seeded latents, positions and cached conditioning for direct predictions."""
-        x = torch.randn(batch, *adapter.latent_shape(), generator=torch.Generator().manual_seed(seed))
+        x = torch.randn(batch, *adapter.latent_shape(), generator=torch.Generator().manual_seed(seed),
+                        device="cpu")
         return x, torch.tensor(TIMESTEPS[self.prediction][:batch]), adapter.encode_prompts(PROMPTS[-batch:])
 
     def trainer_config(self, run_dir: Path, tiny: Tiny, **extra_options) -> dict:
@@ -324,7 +325,7 @@ class AdapterTesterMixin:
             with torch.no_grad():  # as if resumed from a long LoRA training: B far from its zero init, so
                 gen = torch.Generator().manual_seed(1)  # the round trip's comparisons are far above tolerance
                 for p in trainer.policy.parameters():
-                    p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+                    p.add_(torch.randn(p.shape, generator=gen, device="cpu") * 0.1)
         x, t, cond = self.inputs(adapter, 2)
         with torch.no_grad():
             initial = adapter.predict(x, t, cond)
@@ -419,7 +420,7 @@ class AdapterTesterMixin:
         assert tuple(adapter.latent_shape()) == tuple(self.latent_shape)
         batch = self.sample_batch
         cond = adapter.encode_prompts(PROMPTS[:batch])
-        noise = torch.randn(batch, *self.latent_shape, generator=torch.Generator().manual_seed(0))
+        noise = torch.randn(batch, *self.latent_shape, generator=torch.Generator().manual_seed(0), device="cpu")
         sampler = build_sampler(self.prediction, self.sample_steps, 0.0, self.sample_shift)
         ours = ode_sample(adapter, sampler, cond, noise, chunk_size=batch)
         with torch.no_grad():

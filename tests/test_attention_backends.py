@@ -196,7 +196,7 @@ def test_attention_modules_found_and_installed_once():
 
 def toy_inputs(adapter, batch=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(batch, *adapter.latent_shape(), generator=g)
+    x = torch.randn(batch, *adapter.latent_shape(), generator=g, device="cpu")
     cond = adapter.encode_prompts(["a red circle", "two blue squares above a green triangle"][:batch])
     return x, torch.tensor([0.35, 0.8][:batch]), cond
 

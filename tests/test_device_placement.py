@@ -19,8 +19,8 @@ from dancegrpo.cli import main
 from dancegrpo.trainer import Trainer
 from dancegrpo.update import plan_updates
 from device_guard import REPO, DeviceGuard, instrument_trainer
-from tiny_models import (PROMPTS, brightness, build_flux, build_hunyuan_video, build_sd14, build_skyreels_i2v,
-                         trainer_config, write_images, write_prompts)
+from tiny_models import (PROMPTS, brightness, build_flux, build_hunyuan_video, build_qwen_image, build_sd14, build_sd35,
+                         build_skyreels_i2v, build_wan_t2v, trainer_config, write_images, write_prompts)
 
 # Host syncs an iteration's update phase may make, besides the one non-finite-gradient check per
 # update: the plan, the valid mask, the chunks' rows, the statistics (see Trainer._update).
@@ -218,6 +218,11 @@ ADAPTERS = {
                   ["max_sequence_length=24"], "flow"),
     "hunyuan_video": ("hunyuan_video", build_hunyuan_video, VIDEO, VIDEO_TEXT, "flow"),
     "skyreels_i2v": ("skyreels_i2v", build_skyreels_i2v, VIDEO, ["height=32", "width=48", *VIDEO_TEXT], "flow"),
+    "sd35": ("sd35", build_sd35, {"height": 16, "width": 32, "max_sequence_length": 16}, ["max_sequence_length=16"],
+             "flow"),
+    "qwen_image": ("qwen_image", build_qwen_image, {"height": 16, "width": 24}, ["max_sequence_length=32"], "flow"),
+    "wan_t2v": ("wan_t2v", build_wan_t2v, {"height": 32, "width": 32, "frames": 5}, ["max_sequence_length=24"],
+                "flow"),
 }
 
 

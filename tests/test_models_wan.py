@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import types
 from pathlib import Path
 
 import numpy as np
@@ -290,11 +291,7 @@ def base_adapter_options(adapter) -> dict:
 
 def trainer_run(trainer):
     """The fields assert_one_exact_iteration reads."""
-    class _Run:
-        pass
-    run = _Run()
-    run.trainer = trainer
-    return run
+    return types.SimpleNamespace(trainer=trainer)
 
 
 @pytest.mark.parametrize("recipe", ["wan21_t2v", "wan22_t2v", "wan_i2v"])

@@ -62,7 +62,8 @@ def sample_layout(spec: SceneSpec, generator: torch.Generator, size: int = DEFAU
     lo, hi = OBJECT_SIZE_RANGE[0] * size, OBJECT_SIZE_RANGE[1] * size
     border, gap = BORDER * size, MIN_GAP * size
     for _ in range(_MAX_DRAWS):
-        u = torch.rand(_CANDIDATES_PER_DRAW, n, 3, generator=generator, dtype=torch.float64).numpy()
+        u = torch.rand(_CANDIDATES_PER_DRAW, n, 3, generator=generator, dtype=torch.float64,
+                       device="cpu").numpy()  # host-side layout sampling: a CPU generator
         sizes = lo + u[..., 0] * (hi - lo)
         half_w, up, down = _extents(shapes, sizes)
         cx = border + half_w + u[..., 1] * (size - 2 * border - 2 * half_w)
